@@ -1,0 +1,115 @@
+"""The Ray side of a trial: a thin adapter around :func:`autoshrink.trial.evaluate`.
+
+It never raises for a trial's own failure: the error becomes a FAIL result with its reason, so
+the driver records it and the search goes on. Process-level failures (a worker killed by the OS
+or out of memory) surface in the driver as Ray errors and are recorded there.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from typing import Any
+
+__all__ = ["Rungs", "run_trial"]
+
+
+def run_trial(
+    task: Any,
+    candidate: dict,
+    budget: dict,
+    context: dict,
+    cached_logits: Any = None,
+    rungs: Any = None,
+    number: int = -1,
+) -> dict:
+    """Evaluate one candidate; returns ``TrialResult.metrics()`` (never raises for trial errors)."""
+    from autoshrink import _env
+
+    _env.configure()
+    from autoshrink.budget import Budget
+    from autoshrink.candidate import Candidate
+    from autoshrink.compress.distill import StopTrial
+    from autoshrink.measure.latency import MachineLock
+    from autoshrink.trial import State, TrialContext, TrialResult, evaluate
+
+    latency_box: dict[str, float] = {}
+
+    def report(step: int, accuracy: float) -> None:
+        if rungs is None:
+            return
+        import ray
+
+        if ray.get(rungs.report.remote(number, step, accuracy, latency_box.get("latency_ms"))):
+            raise StopTrial(f"dominated at step {step}")
+
+    ctx = TrialContext(
+        threads=context.get("threads", 1),
+        latency_threads=context.get("latency_threads", 1),
+        latency_runs=context.get("latency_runs", 60),
+        lock=MachineLock(context.get("lock_dir")),
+        cached_logits=cached_logits,
+        report=report if rungs is not None else None,
+        eval_every=context.get("eval_every", 0),
+        artifact_dir=context.get("artifact_dir"),
+        seed=context.get("seed", 0),
+    )
+    try:
+        cand = Candidate.from_dict(candidate)
+        result = evaluate(task, cand, Budget(**budget), ctx, on_latency=latency_box.update)
+    except Exception as exc:  # a trial's failure is data, not a crash of the search
+        result = TrialResult(state=State.FAIL, error=_reason(exc))
+    out = result.metrics()
+    for key, value in list(out.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    for frame in reversed(frames):
+        if "autoshrink" in frame.filename:
+            where = f" (at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
+            break
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory: {exc}"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class Rungs:
+    """Multi-objective early stopping (a Ray actor shared by all trials of a search).
+
+    At each reporting step (a rung), a trial is stopped when another trial at the same rung
+    dominates it clearly: at least ``margin`` points more accurate *and* no slower. Such a trial
+    cannot reach the accuracy–latency front unless it gains more than the margin on its rival in
+    the rest of its fine-tune, which short KD fine-tunes rarely do. Unlike single-objective ASHA,
+    a fast, less accurate trial is never stopped for being less accurate than a slow one.
+    """
+
+    def __init__(self, margin: float = 3.0, min_peers: int = 1) -> None:
+        self.margin = margin
+        self.min_peers = min_peers
+        self.reports: dict[int, dict[int, tuple[float, float | None]]] = {}  # step -> number -> ..
+
+    def report(self, number: int, step: int, accuracy: float, latency_ms: float | None) -> bool:
+        peers = self.reports.setdefault(step, {})
+        peers[number] = (accuracy, latency_ms)
+        others = [v for n, v in peers.items() if n != number]
+        if len(others) < self.min_peers:
+            return False
+        for acc, lat in others:
+            faster_or_equal = lat is None or latency_ms is None or lat <= latency_ms
+            if acc >= accuracy + self.margin and faster_or_equal:
+                return True
+        return False
+
+    def seed(self, history: dict[int, list[tuple[int, float, float | None]]]) -> None:
+        """Load reports of trials from an earlier session of the same study (resume)."""
+        for number, rows in history.items():
+            for step, acc, lat in rows:
+                self.reports.setdefault(step, {})[number] = (acc, lat)
+
+    def snapshot(self) -> dict:
+        return self.reports

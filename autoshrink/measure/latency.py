@@ -1,0 +1,125 @@
+"""Honest latency: batch-1 wall time of the deployable (lowered, compiled) model.
+
+- a fixed number of threads (default 1, the usual edge deployment) for the whole measurement;
+- warm-up runs first (compilation, caches, oneDNN primitive creation), then the median of
+  ``runs`` timed calls; the inter-quartile range is kept to show the noise;
+- **isolation**: on one machine, no two trials time at once and nobody trains while a trial
+  times. Trainers hold a shared lock and the timer an exclusive one (``flock``, so it also
+  works across processes, Ray workers and concurrent searches); a turnstile lock gives the
+  timer priority, so a busy machine cannot starve it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Latency", "MachineLock", "measure_latency"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int
+    threads: int
+
+
+class MachineLock:
+    """Readers-writer lock across processes on one machine: training shares it, timing owns it.
+
+    Args:
+        folder: where the lock files live (one per machine; default under the temp folder).
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        base = Path(folder or os.environ.get("AUTOSHRINK_LOCK_DIR") or tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        self._rw = base / "autoshrink-latency.lock"
+        self._turnstile = base / "autoshrink-latency-turnstile.lock"
+
+    @contextlib.contextmanager
+    def _flock(self, path: Path, mode: int) -> Iterator[None]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Exclusive: no other timing and no training runs meanwhile."""
+        with self._flock(self._turnstile, fcntl.LOCK_EX), self._flock(self._rw, fcntl.LOCK_EX):
+            yield
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Shared: trainers run together, but wait while someone is timing."""
+        with self._flock(self._turnstile, fcntl.LOCK_EX):
+            pass  # a waiting timer holds the turnstile: new trainers queue behind it
+        with self._flock(self._rw, fcntl.LOCK_SH):
+            yield
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_latency(
+    fn: Callable[[torch.Tensor], object],
+    example_input: torch.Tensor,
+    *,
+    runs: int = 60,
+    warmup: int = 10,
+    threads: int = 1,
+    lock: MachineLock | None = None,
+) -> Latency:
+    """Median batch-1 latency of ``fn`` in milliseconds.
+
+    Args:
+        fn: the deployable model (e.g. the output of :func:`autoshrink.compress.quantize.compile_cpu`).
+        example_input: an input; only its first sample is used (batch 1).
+        runs: timed calls (at least 50 is the project's rule for reported figures).
+        warmup: untimed calls first; the first one also triggers compilation, outside the lock.
+        threads: torch intra-op threads while timing.
+        lock: the machine lock; timing happens inside ``lock.measuring()``.
+
+    Example:
+        >>> lat = measure_latency(torch.nn.Linear(8, 8), torch.randn(1, 8), runs=5, warmup=1)
+        >>> lat.median_ms > 0
+        True
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    x = example_input[:1].contiguous()
+    with _threads(threads), torch.inference_mode():
+        fn(x)  # compile / first-call work, outside the lock
+        ctx = lock.measuring() if lock is not None else contextlib.nullcontext()
+        with ctx:
+            for _ in range(warmup):
+                fn(x)
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                fn(x)
+                times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Latency(statistics.median(times), q[0], q[2], runs, threads)

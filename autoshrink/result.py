@@ -1,0 +1,330 @@
+"""`SearchResult`: a finished or interrupted run, reopened from its storage; writing its files.
+
+Everything here reads the Optuna study (the one record of the run) and the run folder; nothing
+needs Ray, and only :meth:`SearchResult.export` touches model files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autoshrink.budget import Budget
+
+__all__ = ["SearchResult", "load", "measure_teacher", "trials_frame"]
+
+OBJECTIVES = {"accuracy": "max", "latency_ms": "min"}
+COLUMNS = [
+    "number", "state", "accuracy", "accuracy_se", "latency_ms", "size_mb", "mmacs", "bops",
+    "params", "meets_budget", "finetune_s", "error",
+]
+EXTRA = ["latency_iqr_ms", "compress_s", "measure_s", "evaluate_s"]
+
+
+def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60) -> dict:
+    """The teacher's figures, to compare the compressed model with: accuracy, size, MACs, and
+    fp32 latency both eager and compiled (its *best* fp32 runtime, the fair baseline)."""
+    import torch
+
+    from autoshrink.compress.quantize import compile_cpu, layer_bits
+    from autoshrink.candidate import Candidate
+    from autoshrink.measure.flops import model_cost
+    from autoshrink.measure.latency import MachineLock, measure_latency
+
+    model = task.model.eval()
+    x = task.example_input
+    cost = model_cost(model, x, layer_bits(model, Candidate(default_bits=32)))
+    lock = MachineLock()
+    eager = measure_latency(model, x, runs=latency_runs, threads=latency_threads, lock=lock)
+    import copy
+
+    compiled = measure_latency(
+        compile_cpu(copy.deepcopy(model)), x, runs=latency_runs, threads=latency_threads, lock=lock
+    )
+    torch._dynamo.reset()
+    if task.teacher_accuracy is not None:
+        acc, se = float(task.teacher_accuracy), None
+        n = _val_len(task)
+        if n:
+            p = acc / 100
+            se = 100 * math.sqrt(max(p * (1 - p), 0) / n)
+    else:
+        acc, se = task.evaluate(model)
+    return {
+        "accuracy": acc,
+        "accuracy_se": se,
+        "latency_ms": compiled.median_ms,
+        "latency_ms_eager": eager.median_ms,
+        "size_mb": cost.size_mb,
+        "mmacs": cost.mmacs,
+        "params": cost.params,
+    }
+
+
+def _val_len(task) -> int | None:
+    try:
+        return len(task.val_data.dataset if hasattr(task.val_data, "dataset") else task.val_data)
+    except TypeError:
+        return None
+
+
+def trials_frame(study) -> pd.DataFrame:
+    """One row per trial with the DESIGN.md columns, extra timings, and ``param_*`` columns."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        for key in COLUMNS[2:] + EXTRA:
+            row[key] = a.get(key)
+        if row["state"] == "FAIL" and not row["error"]:
+            row["error"] = "failed without a reason"
+        if row["finetune_s"] is None and t.state.is_finished():
+            row["finetune_s"] = 0.0
+        for name, value in (t.params or a.get("params", {})).items():
+            row[f"param_{name}"] = value
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
+    for col in COLUMNS + EXTRA:
+        if col not in df:
+            df[col] = None
+    num = [c for c in COLUMNS + EXTRA if c not in ("state", "error", "meets_budget", "number")]
+    df[num] = df[num].apply(pd.to_numeric, errors="coerce")
+    df["error"] = df["error"].fillna("").astype(str)
+    ordered = COLUMNS + EXTRA + sorted(c for c in df.columns if c.startswith("param_"))
+    return df[ordered].sort_values("number").reset_index(drop=True)
+
+
+@dataclass
+class SearchResult:
+    """A run: its trials, the Pareto front, the chosen trial, and how to plot and export them.
+
+    Attributes:
+        out: the run folder.
+        trials: one row per trial (``number, state, accuracy, latency_ms, ...``).
+        teacher: the teacher's figures (``accuracy``, ``latency_ms`` compiled fp32, ...).
+        budget: the limits the search ran under.
+        max_drop: accuracy-constraint mode (points below the teacher), or None.
+    """
+
+    out: Path
+    trials: pd.DataFrame
+    teacher: dict = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget)
+    max_drop: float | None = None
+    meta: dict = field(default_factory=dict)
+    _study: Any = None
+
+    @property
+    def frontier(self) -> pd.DataFrame:
+        """The Pareto-optimal trials (accuracy up, latency down) among those fine-tuned."""
+        from autoshrink.frontier import pareto_front
+
+        done = self.trials[self.trials["state"] == "COMPLETE"]
+        return pareto_front(done, OBJECTIVES)
+
+    @property
+    def best(self) -> pd.Series | None:
+        """The most accurate trial that meets the budget (with ``max_drop``: the fastest one
+        within that many points of the teacher); None if no trial qualifies."""
+        from autoshrink.frontier import select_best
+
+        return select_best(
+            self.trials, self.budget.constraints(), max_drop=self.max_drop,
+            reference_accuracy=self.teacher.get("accuracy"),
+        )
+
+    def nearest(self, k: int = 3) -> pd.DataFrame:
+        """When nothing meets the budget: the trials closest to it."""
+        from autoshrink.frontier import nearest_feasible
+
+        return nearest_feasible(self.trials, self.budget.constraints(), k=k)
+
+    def candidate(self, number: int):
+        """The :class:`~autoshrink.candidate.Candidate` of trial ``number``."""
+        from autoshrink.candidate import Candidate
+
+        path = self.out / "trials" / f"{int(number):04d}" / "candidate.json"
+        if path.is_file():
+            return Candidate.from_json(path.read_text())
+        if self._study is not None:
+            for t in self._study.get_trials(deepcopy=False):
+                if t.number == int(number) and "candidate" in t.user_attrs:
+                    return Candidate.from_dict(t.user_attrs["candidate"])
+        raise KeyError(f"no candidate recorded for trial {number} in {self.out}")
+
+    def layer_plan(self, number: int) -> list[dict]:
+        """Per-layer plan of a trial: layer, bits, channels before -> after, share of MACs."""
+        if self._study is None:
+            return []
+        for t in self._study.get_trials(deepcopy=False):
+            if t.number == int(number):
+                layers = t.user_attrs.get("layers", [])
+                total = sum(layer.get("mmacs", 0.0) for layer in layers) or 1.0
+                return [dict(layer, latency_share=layer.get("mmacs", 0.0) / total) for layer in layers]
+        return []
+
+    # -- outputs --------------------------------------------------------------------------------
+    def plot(self, path: str | os.PathLike, *, html: str | os.PathLike | None = None) -> Path:
+        """Draw the Pareto plot (PNG), and the interactive one if ``html`` is given."""
+        from autoshrink.report import plot_pareto, plot_pareto_html
+
+        best = self.best
+        chosen = None if best is None else int(best["number"])
+        teacher = {k: self.teacher.get(k) for k in ("accuracy", "latency_ms")} if self.teacher else None
+        plot_pareto(self.trials, path, constraints=self.budget.constraints(), chosen=chosen,
+                    teacher=teacher, objectives=OBJECTIVES)
+        if html is not None:
+            plot_pareto_html(self.trials, html, constraints=self.budget.constraints(),
+                             chosen=chosen, teacher=teacher, objectives=OBJECTIVES)
+        return Path(path)
+
+    def export(self, row: pd.Series | int | None, path: str | os.PathLike, *, onnx: bool = False) -> Path:
+        """Write a trial's deployable model to folder ``path``.
+
+        Writes ``model.pt2`` (the lowered int8 program: ``torch.export.load(p).module()``, then
+        ``torch.compile`` for int8 kernels), ``candidate.json``, ``metrics.json``, and
+        ``model.onnx`` with ``onnx=True``.
+
+        Raises:
+            ValueError: no trial given and none meets the budget, or the trial has no saved model.
+        """
+        if row is None:
+            row = self.best
+            if row is None:
+                raise ValueError("no trial meets the budget; pass a trial number to export one anyway")
+        number = int(row["number"]) if isinstance(row, pd.Series) else int(row)
+        match = self.trials[self.trials["number"] == number]
+        if match.empty:
+            raise ValueError(f"no trial {number} in {self.out}")
+        src = self.out / "trials" / f"{number:04d}" / "model.pt2"
+        if not src.is_file():
+            state = match.iloc[0]["state"]
+            raise ValueError(
+                f"trial {number} has no saved model (state {state}"
+                f"{', missed the budget' if match.iloc[0]['meets_budget'] is False else ''}); "
+                "only fine-tuned trials that met the budget are saved"
+            )
+        dest = Path(path)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest / f".model.pt2.tmp{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest / "model.pt2")
+        _write(dest / "candidate.json", self.candidate(number).to_json())
+        metrics = {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+        _write(dest / "metrics.json", json.dumps(
+            {"trial": metrics, "teacher": self.teacher, "budget": self.budget.constraints(),
+             "layers": self.layer_plan(number)}, indent=2, default=str))
+        _write(dest / "README.md", _export_readme(number, metrics, self.teacher))
+        if onnx:
+            from autoshrink.export import to_onnx
+
+            to_onnx(dest / "model.pt2", dest / "model.onnx")
+        return dest
+
+    def write(self) -> dict[str, Path]:
+        """Write ``trials.csv``, ``pareto.png``, ``pareto.html``, ``report.md`` and ``best/``."""
+        from autoshrink.report import write_csv_atomic, write_report_md
+
+        files = {}
+        files["trials"] = self.out / "trials.csv"
+        write_csv_atomic(self.trials, files["trials"])
+        files["plot"] = self.plot(self.out / "pareto.png", html=self.out / "pareto.html")
+        best = self.best
+        if best is not None:
+            try:
+                files["best"] = self.export(best, self.out / "best")
+            except ValueError:
+                pass
+        files["report"] = self.out / "report.md"
+        write_report_md(
+            files["report"], teacher=self.teacher, chosen=best, front=self.frontier,
+            constraints=self.budget.constraints(), plot_name="pareto.png",
+            nearest=self.nearest() if best is None else None,
+        )
+        return files
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _export_readme(number: int, m: dict, teacher: dict) -> str:
+    return f"""# autoshrink export: trial {number}
+
+accuracy {m.get('accuracy')} % (teacher {teacher.get('accuracy')}), latency {m.get('latency_ms')} ms
+(teacher compiled fp32 {teacher.get('latency_ms')} ms), size {m.get('size_mb')} MB.
+
+Load and run with torch alone (int8 kernels need torch.compile with Inductor freezing on):
+
+```python
+import torch
+torch._inductor.config.freezing = True
+model = torch.compile(torch.export.load("model.pt2").module())
+with torch.no_grad():
+    logits = model(x)   # x: a batch shaped like the training inputs
+```
+
+`candidate.json` is the configuration (`autoshrink.Candidate.from_json`); apply it to your own
+copy of the model with `autoshrink.apply(model, candidate, example_input)`.
+"""
+
+
+def load(
+    out: str | os.PathLike,
+    *,
+    storage: str | None = None,
+    study_name: str = "autoshrink",
+    max_drop: float | None = None,
+) -> SearchResult:
+    """Reopen a run folder (finished or interrupted) as a :class:`SearchResult`.
+
+    Raises:
+        FileNotFoundError: no ``study.db`` in the folder and no storage given.
+        ValueError: the storage holds no such study.
+
+    Example:
+        >>> result = load("runs/demo")   # doctest: +SKIP
+        >>> result.best                  # doctest: +SKIP
+    """
+    import optuna
+
+    out = Path(out)
+    if storage is None:
+        db = out / "study.db"
+        if not db.is_file():
+            raise FileNotFoundError(f"{out}: no study.db here; is this an autoshrink run folder?")
+        storage = f"sqlite:///{db.resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ValueError(f"{storage}: no study named {study_name!r}") from None
+    attrs = study.user_attrs
+    if max_drop is None:
+        max_drop = attrs.get("max_drop")
+    return SearchResult(
+        out=out,
+        trials=trials_frame(study),
+        teacher=attrs.get("teacher", {}),
+        budget=Budget(**attrs.get("budget", {})),
+        max_drop=max_drop,
+        meta=dict(attrs),
+        _study=study,
+    )

@@ -1,0 +1,153 @@
+"""`Task`: what a search compresses (the teacher) and how it is judged (data and metric)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["Task", "TaskError", "top1_accuracy"]
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+class TaskError(ValueError):
+    """A task's model, data or example input cannot be used as given."""
+
+
+def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in percent.
+
+    Example:
+        >>> top1_accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        50.0
+    """
+    return 100.0 * (logits.argmax(dim=1) == targets).float().mean().item()
+
+
+@dataclass
+class Task:
+    """A teacher model with its data.
+
+    Args:
+        model: the trained model to compress (the teacher). It is never modified.
+        train_data: a Dataset or DataLoader of ``(input, target)`` for the KD fine-tune.
+        val_data: a Dataset or DataLoader of ``(input, target)`` for accuracy; never trained on.
+        example_input: one input batch (batch size 1 is what latency is measured at).
+        metric: ``metric(logits, targets) -> float`` on the whole validation set, higher is
+            better; defaults to top-1 accuracy in percent.
+        name: shown in reports.
+        teacher_accuracy: the teacher's metric on ``val_data`` if known (computed otherwise).
+        description: how the data was built, for the run report.
+
+    Raises:
+        TaskError: if the example input does not run through the model, or data is empty.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        >>> t = Task(model=nn.Linear(4, 2), train_data=data, val_data=data,
+        ...          example_input=torch.randn(1, 4))
+        >>> t.num_classes
+        2
+    """
+
+    model: nn.Module
+    train_data: Dataset | DataLoader
+    val_data: Dataset | DataLoader
+    example_input: torch.Tensor
+    metric: Metric | None = None
+    name: str = "custom"
+    teacher_accuracy: float | None = None
+    description: str = ""
+    num_classes: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TaskError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.example_input, torch.Tensor):
+            raise TaskError(
+                f"example_input must be a torch.Tensor batch, got {type(self.example_input).__name__}"
+            )
+        for label, data in (("train_data", self.train_data), ("val_data", self.val_data)):
+            if not isinstance(data, (Dataset, DataLoader)):
+                raise TaskError(f"{label} must be a torch Dataset or DataLoader, got {type(data).__name__}")
+            try:
+                n = len(data)
+            except TypeError:
+                n = None
+            if n == 0:
+                raise TaskError(f"{label} is empty")
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(self.example_input)
+        except Exception as exc:  # the user's model: any error means the input does not fit
+            raise TaskError(
+                f"the model does not accept example_input of shape {tuple(self.example_input.shape)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise TaskError(
+                "the model must return a (batch, classes) tensor of logits; got "
+                f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+            )
+        self.num_classes = int(out.shape[1])
+
+    # -- data ---------------------------------------------------------------------------------------
+    def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+        data = self.train_data if which == "train" else self.val_data
+        if isinstance(data, DataLoader):
+            return data
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+
+    def calibration_batches(self, n: int = 4, batch_size: int = 32) -> Iterator[torch.Tensor]:
+        """A few training inputs for PTQ observers (deterministic)."""
+        for i, (x, _y) in enumerate(self.loader("train", batch_size, shuffle=True, seed=1234)):
+            if i >= n:
+                return
+            yield x
+
+    def evaluate(
+        self,
+        model: Callable,
+        *,
+        batch_size: int = 256,
+        limit: int | None = None,
+        fixed_batch: bool = False,
+    ) -> tuple[float, float | None]:
+        """The metric of ``model`` on the validation data, with its standard error when the
+        metric is the default top-1 accuracy (binomial: sqrt(p(1-p)/n), in points).
+
+        Args:
+            model: any callable from inputs to logits (eager, exported, or compiled).
+            limit: use only the first ``limit`` validation samples (for intermediate reports).
+            fixed_batch: pad the last batch to ``batch_size`` so a compiled model sees one shape
+                (one compilation instead of two); padded rows are dropped before scoring.
+        """
+        logits, targets = [], []
+        seen = 0
+        with torch.no_grad():
+            for x, y in self.loader("val", batch_size, shuffle=False):
+                if limit is not None and seen >= limit:
+                    break
+                if limit is not None:
+                    x, y = x[: limit - seen], y[: limit - seen]
+                n = len(x)
+                if fixed_batch and n < batch_size:
+                    x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+                logits.append(model(x)[:n].float())
+                targets.append(y)
+                seen += len(y)
+        out, tgt = torch.cat(logits), torch.cat(targets)
+        if self.metric is None:
+            acc = top1_accuracy(out, tgt)
+            se = 100.0 * math.sqrt(max(acc / 100 * (1 - acc / 100), 0.0) / len(tgt))
+            return acc, se
+        return float(self.metric(out, tgt)), None

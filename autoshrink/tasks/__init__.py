@@ -1,0 +1,56 @@
+"""Built-in tasks, reached by name: ``autoshrink.tasks.get("digits")``.
+
+Every built-in task uses real data that ships with an installed package (no download) and a
+teacher from :mod:`autoshrink.models`, trained on first use and cached.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from autoshrink.task import Task
+
+__all__ = ["get", "list_tasks"]
+
+# name -> (zoo model of the teacher, one-line description)
+_DIGITS = {
+    "digits": "resnet18_32",
+    "digits-resnet20": "resnet20",
+    "digits-mobilenetv2": "mobilenetv2_32",
+    "digits-vit": "vit_tiny_32",
+    "digits-densenet": "densenet_tiny_32",
+}
+
+
+def list_tasks() -> list[str]:
+    """Names accepted by :func:`get`."""
+    return sorted(_DIGITS)
+
+
+def get(name: str = "digits", **kwargs) -> Task:
+    """Build a built-in task by name.
+
+    Args:
+        name: one of :func:`list_tasks`.
+        **kwargs: passed to the task's builder (e.g. ``progress=False``, ``epochs=3``).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+
+    Example:
+        >>> task = get("digits")   # doctest: +SKIP
+    """
+    builder = _builder(name)
+    return builder(**kwargs)
+
+
+def _builder(name: str) -> Callable[..., Task]:
+    if name in _DIGITS:
+        from autoshrink.tasks.digits import digits_task
+
+        model = _DIGITS[name]
+        return lambda **kw: digits_task(model, **kw)
+    close = difflib.get_close_matches(name, list_tasks(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown task {name!r}; built-in tasks: {list_tasks()}.{hint}")

@@ -1,0 +1,232 @@
+"""`evaluate(task, candidate, budget)`: one trial, in five steps and nothing else.
+
+1. compress: structured prune a copy of the teacher, resolve per-layer bits;
+2. cheap metrics first (MACs, BOPs, params, size), then the measured latency of the lowered,
+   compiled model (PTQ-calibrated: latency depends on the graph, not on the weights' values);
+3. budget gate: a candidate that misses the budget is recorded with its metrics, never fine-tuned;
+4. KD fine-tune with fake-quant at each layer's bits, reporting intermediate accuracy;
+5. accuracy on the validation data of the lowered int8 model (what would be deployed).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from autoshrink.budget import Budget
+from autoshrink.candidate import Candidate
+from autoshrink.compress import compress
+from autoshrink.compress.distill import StopTrial, finetune
+from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
+from autoshrink.measure.flops import model_cost
+from autoshrink.measure.latency import MachineLock, measure_latency
+from autoshrink.task import Task
+
+__all__ = ["State", "TrialContext", "TrialResult", "evaluate", "save_deployable"]
+
+
+class State(str, enum.Enum):
+    """How a trial ended (the names Optuna uses for its trial states)."""
+
+    COMPLETE = "COMPLETE"
+    PRUNED = "PRUNED"  # stopped early: could not reach the front
+    FAIL = "FAIL"
+
+
+@dataclass
+class TrialContext:
+    """How to run a trial (not what to run: that is the candidate).
+
+    Args:
+        threads: torch threads for fine-tuning (latency always uses ``latency_threads``).
+        latency_threads: threads while timing (1 = a typical edge core).
+        latency_runs: timed calls for the median.
+        lock: the machine lock that isolates timing from other trials' work.
+        cached_logits: the teacher's logits on the training set, or None (teacher runs online).
+        report: ``report(step, accuracy)`` during fine-tune; may raise ``StopTrial``.
+        eval_every: steps between intermediate reports (0: none).
+        artifact_dir: where a finished trial saves its deployable model (None: not saved).
+        seed: seeds fine-tuning.
+    """
+
+    threads: int = 1
+    latency_threads: int = 1
+    latency_runs: int = 60
+    lock: MachineLock | None = None
+    cached_logits: torch.Tensor | None = None
+    report: Callable[[int, float], None] | None = None
+    eval_every: int = 0
+    artifact_dir: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class TrialResult:
+    """Everything one trial measured. Field names are the ``trials.csv`` columns."""
+
+    state: State = State.COMPLETE
+    accuracy: float | None = None  # lowered (int8) model on the full validation set
+    accuracy_se: float | None = None
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    size_mb: float | None = None
+    mmacs: float | None = None
+    bops: float | None = None
+    params: int | None = None
+    meets_budget: bool | None = None
+    finetune_s: float = 0.0
+    compress_s: float = 0.0
+    measure_s: float = 0.0
+    evaluate_s: float = 0.0
+    error: str = ""
+    history: list[tuple[int, float]] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+    skipped_layers: dict[str, str] = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+
+def evaluate(
+    task: Task,
+    candidate: Candidate,
+    budget: Budget,
+    context: TrialContext | None = None,
+    *,
+    on_latency: Callable[[dict], None] | None = None,
+) -> TrialResult:
+    """Run one trial. Errors inside are not caught here: the caller records them as FAIL.
+
+    Args:
+        task: teacher, data, example input, metric.
+        candidate: the configuration to try.
+        budget: limits; checked before any fine-tuning.
+        context: threads, lock, reporting (defaults: 1 thread, no lock, no reports).
+        on_latency: called with ``{"latency_ms": ...}`` once latency is measured (so that
+            intermediate reports can weigh accuracy against it).
+
+    Returns:
+        A :class:`TrialResult`; ``state`` is PRUNED when a ``StopTrial`` ended the fine-tune.
+
+    Example:
+        >>> r = evaluate(task, Candidate.uniform(bits=8, prune=0.25), Budget(latency_ms=5))  # doctest: +SKIP
+    """
+    ctx = context or TrialContext()
+    torch.set_num_threads(ctx.threads)
+    result = TrialResult()
+    x = task.example_input
+
+    # 1. compress
+    t0 = time.perf_counter()
+    comp = compress(task.model, candidate, x)
+    result.compress_s = time.perf_counter() - t0
+    result.skipped_layers = dict(comp.prune_report.skipped)
+
+    # 2. cheap metrics, then latency of the deployable model
+    t0 = time.perf_counter()
+    cost = model_cost(comp.pruned, x, comp.bits)
+    result.mmacs, result.bops, result.params, result.size_mb = (
+        cost.mmacs, cost.bops, cost.params, cost.size_mb
+    )
+    result.layers = [
+        {
+            "layer": c.layer,
+            "bits": comp.bits.get(c.layer, 32),
+            "channels_before": c.before,
+            "channels_after": c.after,
+            "mmacs": cost.layer_macs.get(c.layer, 0.0) / 1e6,
+        }
+        for c in comp.prune_report.layers
+    ]
+    static_violation = Budget(size_mb=budget.size_mb, mmacs=budget.mmacs).violations(
+        {"size_mb": cost.size_mb, "mmacs": cost.mmacs}
+    )
+    if not static_violation and ctx.latency_runs > 0:
+        calib = list(task.calibration_batches())
+        ptq = prepare_ptq(comp.pruned, _bits_only(comp.bits), x, calib)
+        deployable = compile_cpu(lower(ptq))
+        lat = measure_latency(
+            deployable, x, runs=ctx.latency_runs, threads=ctx.latency_threads, lock=ctx.lock
+        )
+        result.latency_ms, result.latency_iqr_ms = lat.median_ms, lat.p75_ms - lat.p25_ms
+        if on_latency is not None:
+            on_latency({"latency_ms": lat.median_ms})
+        del deployable, ptq
+    result.measure_s = time.perf_counter() - t0
+
+    # 3. budget gate
+    violations = budget.violations(
+        {"latency_ms": result.latency_ms, "size_mb": cost.size_mb, "mmacs": cost.mmacs}
+    )
+    result.meets_budget = not violations and (budget.latency_ms is None or result.latency_ms is not None)
+    if not result.meets_budget:
+        return result
+
+    # 4. KD fine-tune with fake-quant
+    student = comp.trainable(x)
+    t0 = time.perf_counter()
+    torch.set_num_threads(ctx.threads)
+    try:
+        lock_ctx = ctx.lock.training() if ctx.lock is not None else _null()
+        with lock_ctx:
+            ft = finetune(
+                student,
+                task,
+                candidate,
+                cached_logits=ctx.cached_logits,
+                report=ctx.report,
+                eval_every=ctx.eval_every,
+                seed=ctx.seed,
+            )
+        result.history = ft.history
+    except StopTrial:
+        result.finetune_s = time.perf_counter() - t0
+        result.state = State.PRUNED
+        return result
+    result.finetune_s = time.perf_counter() - t0
+
+    # 5. accuracy of what would be deployed
+    t0 = time.perf_counter()
+    lowered = lower(student)
+    if ctx.artifact_dir:  # before compiling: Inductor's freezing rewrites the module's constants
+        save_deployable(lowered, x, Path(ctx.artifact_dir) / "model.pt2")
+    # compiled, so that the int8 kernels run (uncompiled PT2E runs slow reference kernels)
+    result.accuracy, result.accuracy_se = task.evaluate(compile_cpu(lowered), fixed_batch=True)
+    result.evaluate_s = time.perf_counter() - t0
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bits_only(bits: dict[str, int]) -> Candidate:
+    return Candidate(bits=bits, default_bits=32)
+
+
+def save_deployable(lowered: torch.nn.Module, example_input: torch.Tensor, path: Path) -> Path:
+    """Save the lowered model as a ``torch.export`` program (loads with torch alone:
+    ``torch.export.load(path).module()``), written to a temporary name then renamed."""
+    from autoshrink.compress.quantize import _batch_of_two
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(
+        lowered, (_batch_of_two(example_input),), dynamic_shapes=({0: batch},), strict=False
+    )
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.export.save(ep, tmp)
+    os.replace(tmp, path)
+    return path

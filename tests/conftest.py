@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny real task (digits data, a small CNN trained for a few seconds)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Keep every cache and lock of the test run in one temporary place, and Ray local and quiet.
+_TMP = tempfile.mkdtemp(prefix="autoshrink-tests-")
+os.environ.setdefault("AUTOSHRINK_CACHE", os.path.join(_TMP, "cache"))
+os.environ.setdefault("AUTOSHRINK_LOCK_DIR", os.path.join(_TMP, "locks"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    """A small ResNet-like CNN trained briefly on a subset of the digits task: real data, a real
+    teacher (~90 % accuracy), and fast enough for end-to-end tests."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from autoshrink import Task
+    from autoshrink.tasks.digits import digits_data, train_teacher
+
+    torch.manual_seed(0)
+    data = digits_data()
+    xt, yt = data.train.tensors
+    xv, yv = data.val.tensors
+    train = TensorDataset(xt[:1024], yt[:1024])
+    val = TensorDataset(xv[:400], yv[:400])
+    model = TinyNet()
+
+    class _D:
+        pass
+
+    d = _D()
+    d.train = train
+    train_teacher(model, d, epochs=8, batch_size=64, lr=0.05, progress=False)
+    return Task(model=model, train_data=train, val_data=val, example_input=xv[:1], name="tiny")
+
+
+def _tiny_net_cls():
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+    class TinyNet(nn.Module):
+        """conv1 → layer1 (16 ch) → layer2 (32 ch) → pool → fc: names like the default space's."""
+
+        def __init__(self, num_classes: int = 10) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, 2, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.layer1 = nn.Sequential(Block(16, 16, 1))
+            self.layer2 = nn.Sequential(Block(16, 32, 2))
+            self.fc = nn.Linear(32, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.conv1(x)))
+            x = self.layer2(self.layer1(x))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    return TinyNet
+
+
+TinyNet = _tiny_net_cls()
+
+
+@pytest.fixture(scope="session")
+def tiny_space():
+    from autoshrink import SearchSpace
+
+    return SearchSpace.from_dict(
+        {
+            "name": "tiny",
+            "layers": [
+                {"name": "stem", "pattern": "conv1", "bits": [8, 32]},
+                {"name": "stage1", "pattern": "layer1.*", "bits": [4, 8], "prune": [0.0, 0.5]},
+                {"name": "stage2", "pattern": "layer2.*", "bits": [8, 32], "prune": [0.0, 0.25]},
+                {"name": "head", "pattern": "fc", "bits": [8, 32]},
+            ],
+            "distill": {"temperature": [2.0, 4.0], "alpha": 0.7},
+            "finetune": {"steps": 30, "lr": 0.01, "batch_size": 32},
+        },
+        source="tiny.yaml",
+    )
