@@ -18,7 +18,6 @@ import os
 import socket
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,21 +85,15 @@ def _prepare_out(out: str | os.PathLike | None) -> Path:
     return path
 
 
-def _constraints(trial) -> Sequence[float]:
-    return trial.user_attrs.get("constraints", [0.0])
-
-
 def _make_sampler(name: str, seed: int, space: SearchSpace):
     import optuna
 
     name = name.lower()
     if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, constraints_func=_constraints, multivariate=True, group=True,
-            n_startup_trials=6,
-        )
+        # constraints are read from each trial (Trial.set_constraint), no constraints_func
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=_constraints)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise SearchError(f"unknown sampler {name!r}; choose one of ['tpe', 'nsga2', 'random']")
@@ -430,11 +423,10 @@ class _Driver:
         violations = self.budget.violations(
             {k: m.get(k) for k in ("latency_ms", "size_mb", "mmacs") if m.get(k) is not None}
         )
-        limits = self.budget.constraints()
-        constraints = [
-            (m[k] - limits[k]) / limits[k] if m.get(k) is not None else 0.0 for k in limits
-        ] or [0.0]
-        trial.set_user_attr("constraints", constraints)
+        # relative excess over each limit: <= 0 is feasible (Optuna's convention)
+        for key, limit in self.budget.constraints().items():
+            value = m.get(key)
+            trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
         if state == "FAIL":
             trial.set_user_attr("error", m.get("error") or "failed without a reason")
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)

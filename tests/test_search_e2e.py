@@ -1,0 +1,77 @@
+"""One real end-to-end search: tiny model, real data, 3 trials through Optuna and Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import autoshrink as ash
+
+
+@pytest.fixture(scope="module")
+def run(tiny_task, tiny_space, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    budget = ash.Budget(latency_ms=50.0, size_mb=0.0125)
+    result = ash.search(tiny_task, tiny_space, budget, trials=3, workers=1, out=out, seed=0,
+                        progress=False, latency_runs=20)
+    return result, out
+
+
+def test_search_writes_the_run_folder(run):
+    result, out = run
+    for name in ("study.db", "trials.csv", "pareto.png", "pareto.html", "report.md"):
+        assert (out / name).is_file(), name
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 3
+    for col in ("number", "state", "accuracy", "latency_ms", "size_mb", "mmacs", "bops", "params",
+                "meets_budget", "finetune_s", "error"):
+        assert col in df.columns
+    assert any(c.startswith("param_") for c in df.columns)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trials_are_real_measurements(run):
+    result, _ = run
+    df = result.trials
+    assert set(df["state"]) <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert (df["state"] == "FAIL").sum() == 0, df["error"].tolist()
+    done = df[df["state"] == "COMPLETE"]
+    assert (done["latency_ms"] > 0).all() and (done["mmacs"] > 0).all()
+    # infeasible trials are measured but never fine-tuned
+    infeasible = done[done["meets_budget"] == False]  # noqa: E712
+    assert (infeasible["finetune_s"] == 0).all()
+    assert infeasible["accuracy"].isna().all()
+    feasible = done[done["meets_budget"] == True]  # noqa: E712
+    assert (feasible["finetune_s"] > 0).all()
+    assert feasible["accuracy"].between(0, 100).all()
+
+
+def test_best_model_loads_in_another_process(run):
+    result, out = run
+    best = result.best
+    if best is None:
+        pytest.skip("no trial met the (tight) size budget in this run")
+    assert (out / "best" / "model.pt2").is_file()
+    cand = json.loads((out / "best" / "candidate.json").read_text())
+    assert ash.Candidate.from_dict(cand)
+    code = (
+        "import torch, sys\n"
+        "m = torch.export.load(sys.argv[1]).module()\n"
+        "print(m(torch.zeros(3, 1, 32, 32)).shape[1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "best" / "model.pt2")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "10"
+
+
+def test_load_reopens_the_same_result(run):
+    result, out = run
+    again = ash.load(out)
+    pd.testing.assert_frame_equal(again.trials, result.trials)
+    assert again.teacher["accuracy"] == pytest.approx(result.teacher["accuracy"])
+    assert again.teacher["latency_ms"] > 0
