@@ -40,7 +40,8 @@ def run_trial(
             return
         import ray
 
-        if ray.get(rungs.report.remote(number, step, accuracy, latency_box.get("latency_ms"))):
+        if ray.get(rungs.report.remote(number, step, accuracy, latency_box.get("latency_ms"),
+                                       candidate.get("finetune_steps"))):
             raise StopTrial(f"dominated at step {step}")
 
     ctx = TrialContext(
@@ -53,6 +54,7 @@ def run_trial(
         eval_every=context.get("eval_every", 0),
         artifact_dir=context.get("artifact_dir"),
         seed=context.get("seed", 0),
+        measure=_remote_measure(context["meter"]) if context.get("meter") is not None else None,
     )
     try:
         cand = Candidate.from_dict(candidate)
@@ -66,6 +68,21 @@ def run_trial(
     return out
 
 
+def _remote_measure(meter: Any):
+    """``TrialContext.measure`` that ships the lowered model to a ``LatencyMeter`` actor (on the
+    cluster's latency-target node) and waits for its timing."""
+
+    def measure(lowered, example_input, runs: int, threads: int):
+        import ray
+
+        from autoshrink.measure.latency import program_bytes
+
+        x = example_input[:1].contiguous()
+        return ray.get(meter.measure.remote(program_bytes(lowered, x), x, runs, threads))
+
+    return measure
+
+
 def _reason(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = ""
@@ -73,9 +90,24 @@ def _reason(exc: BaseException) -> str:
         if "autoshrink" in frame.filename:
             where = f" (at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
             break
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return f"out of memory: {exc}"
+    for cause in _chain(exc):  # also when wrapped, e.g. "the pruned model no longer runs (...)"
+        text = str(cause)
+        if isinstance(cause, MemoryError) or any(t in text.lower() for t in _OOM_TEXT):
+            return f"out of memory: {type(cause).__name__}: {text}{where}"
     return f"{type(exc).__name__}: {exc}{where}"
+
+
+# how allocation failures read: Python's MemoryError, torch's CPU allocator, CUDA
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return out
 
 
 class Rungs:
@@ -86,30 +118,43 @@ class Rungs:
     cannot reach the accuracy–latency front unless it gains more than the margin on its rival in
     the rest of its fine-tune, which short KD fine-tunes rarely do. Unlike single-objective ASHA,
     a fast, less accurate trial is never stopped for being less accurate than a slow one.
+
+    A rung is a step *of one schedule* (the fine-tune's total length): with a cosine learning
+    rate, a short fine-tune at step 80 has annealed further than a long one at step 80, so
+    comparing them would stop long fine-tunes for being early in their schedule. A latency
+    that is unknown on one side only never counts as "no slower".
     """
 
     def __init__(self, margin: float = 3.0, min_peers: int = 1) -> None:
         self.margin = margin
         self.min_peers = min_peers
-        self.reports: dict[int, dict[int, tuple[float, float | None]]] = {}  # step -> number -> ..
+        # (schedule, step) -> trial number -> (accuracy, latency_ms)
+        self.reports: dict[tuple[int | None, int], dict[int, tuple[float, float | None]]] = {}
 
-    def report(self, number: int, step: int, accuracy: float, latency_ms: float | None) -> bool:
-        peers = self.reports.setdefault(step, {})
+    def report(self, number: int, step: int, accuracy: float, latency_ms: float | None,
+               schedule: int | None = None) -> bool:
+        """Record a trial's accuracy at ``step`` of a ``schedule``-step fine-tune; True: stop it."""
+        peers = self.reports.setdefault((schedule, step), {})
         peers[number] = (accuracy, latency_ms)
         others = [v for n, v in peers.items() if n != number]
         if len(others) < self.min_peers:
             return False
         for acc, lat in others:
-            faster_or_equal = lat is None or latency_ms is None or lat <= latency_ms
-            if acc >= accuracy + self.margin and faster_or_equal:
+            if latency_ms is None or lat is None:
+                no_slower = latency_ms is None and lat is None
+            else:
+                no_slower = lat <= latency_ms
+            if acc >= accuracy + self.margin and no_slower:
                 return True
         return False
 
-    def seed(self, history: dict[int, list[tuple[int, float, float | None]]]) -> None:
-        """Load reports of trials from an earlier session of the same study (resume)."""
+    def seed(self, history: dict[int, list[tuple]]) -> None:
+        """Load reports of trials from an earlier session of the same study (resume): for each
+        trial number, rows ``(step, accuracy, latency_ms[, schedule])``."""
         for number, rows in history.items():
-            for step, acc, lat in rows:
-                self.reports.setdefault(step, {})[number] = (acc, lat)
+            for step, acc, lat, *rest in rows:
+                schedule = rest[0] if rest else None
+                self.reports.setdefault((schedule, step), {})[number] = (acc, lat)
 
     def snapshot(self) -> dict:
         return self.reports

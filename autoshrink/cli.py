@@ -28,8 +28,16 @@ def _positive(kind: type):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the rule and the value), like every other error
+    of the command; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="autoshrink",
         description="Find how to shrink a trained PyTorch model to a hardware budget.",
     )
@@ -49,10 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the search in --out")
     s.add_argument("--ray-address", default=None, help="join an existing Ray cluster (ray start --head)")
+    s.add_argument("--latency-target", default=None, metavar="RESOURCE",
+                   help="custom Ray resource of the node to time latency on (default: "
+                        "'latency_target' when the cluster offers it, else each trial's own machine)")
     s.add_argument("--storage", default=None, help="Optuna storage URL shared by several drivers")
     s.add_argument("--study-name", default="autoshrink")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "grid"],
+                   help="tpe (default), nsga2, random, or grid (spaces without continuous ranges)")
     s.add_argument("--latency-threads", type=_positive(int), default=1)
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
@@ -113,11 +125,16 @@ def _cmd_search(args) -> int:
     if args.resume and not args.out:
         raise CliError("--resume needs --out DIR (the run folder to continue)")
     space = ash.SearchSpace.from_yaml(args.space) if args.space else ash.SearchSpace.default()
+    if args.out or args.resume:  # before the task: a built-in teacher may train for minutes first
+        from autoshrink.search import check_run_folder
+
+        check_run_folder(args.out, resume=args.resume, storage=args.storage,
+                         study_name=args.study_name, space=space)
     task = _build_task(args)
     result = ash.search(
         task, space, budget, trials=args.trials, workers=args.workers, out=args.out,
         resume=args.resume, seed=args.seed, sampler=args.sampler, storage=args.storage,
-        study_name=args.study_name, ray_address=args.ray_address,
+        study_name=args.study_name, ray_address=args.ray_address, latency_target=args.latency_target,
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
     )
@@ -128,47 +145,68 @@ def _cmd_search(args) -> int:
 def _print_summary(result, front_table, plan_table) -> None:
     from rich.console import Console
 
+    from autoshrink.report import chosen_table, nearest_table
+
     console = Console()
-    t = result.teacher
     df = result.trials
-    counts = df["state"].value_counts().to_dict()
-    infeasible = int(((df["state"] == "COMPLETE") & (df["meets_budget"] == False)).sum())  # noqa: E712
-    console.print(
-        f"\n[bold]{len(df)} trials[/bold]: {counts.get('COMPLETE', 0)} complete "
-        f"({infeasible} missed the budget, not fine-tuned), {counts.get('PRUNED', 0)} stopped early, "
-        f"{counts.get('FAIL', 0)} failed. Budget: {result.budget.describe()}."
-    )
+    console.print(f"\n[bold]{result.out}[/bold]: {_counts(df)}")
+    mode = f"; the fastest within {result.max_drop:g} points of the teacher" if result.max_drop else ""
+    console.print(f"Budget: {result.budget.describe()}{mode}.")
+    failed = df.loc[df["state"] == "FAIL", "error"].value_counts()
+    for error, n in failed.head(3).items():
+        console.print(f"  [red]failed[/red] ×{n}: {error[:160]}", highlight=False)
+    if len(failed) > 3:
+        console.print(f"  ... and {int(failed.iloc[3:].sum())} more failures (see trials.csv)")
     if len(result.frontier):
-        console.print(front_table(result.frontier, {"accuracy": "max", "latency_ms": "min"}))
+        console.print(front_table(df, {"accuracy": "max", "latency_ms": "min"}))
     best = result.best
     if best is None:
-        console.print("[bold red]No trial meets the budget.[/bold red] Closest trials:")
-        near = result.nearest()
-        for _, row in near.iterrows():
-            console.print(f"  trial {int(row['number'])}: latency {row['latency_ms']:.2f} ms, "
-                          f"size {row['size_mb']:.2f} MB (over by {row['violation']:.0%})")
+        constraints = result.budget.constraints()
+        near = result.nearest() if constraints else df.iloc[:0]
+        console.print("\n[bold red]No trial meets the budget[/bold red], so no model was chosen.")
+        if len(near):
+            console.print(nearest_table(near, constraints))
+            console.print("Relax the budget, or widen the search space (fewer bits, more pruning).")
     else:
         n = int(best["number"])
-        console.print(
-            f"\n[bold green]Chosen: trial {n}[/bold green]  accuracy {best['accuracy']:.2f} "
-            f"± {best['accuracy_se']:.2f} % (teacher {t.get('accuracy', float('nan')):.2f} %), "
-            f"latency {best['latency_ms']:.2f} ms (teacher fp32 compiled "
-            f"{t.get('latency_ms', float('nan')):.2f} ms, eager {t.get('latency_ms_eager', float('nan')):.2f} ms), "
-            f"size {best['size_mb']:.2f} MB (teacher {t.get('size_mb', float('nan')):.2f} MB)"
-        )
-        console.print(f"configuration: {result.candidate(n).summary()}")
+        why = "the fastest within the accuracy drop" if result.max_drop else "the most accurate within the budget"
+        console.print(f"\n[bold green]Chosen: trial #{n}[/bold green] ({why})")
+        console.print(chosen_table(best, result.teacher))
+        try:
+            console.print(f"configuration: {result.candidate(n).summary()}", highlight=False)
+        except KeyError:
+            pass
         plan = result.layer_plan(n)
         if plan:
-            console.print(plan_table(plan))
-    console.print(f"\nrun folder: {result.out}  (trials.csv, pareto.png, pareto.html, report.md, best/)")
+            console.print(plan_table(plan, title=f"Compression plan of trial #{n}"))
+    files = [name for name in ("trials.csv", "pareto.png", "pareto.html", "report.md", "best/")
+             if (result.out / name).exists()]
+    console.print(f"\nrun folder: {result.out}" + (f"  ({', '.join(files)})" if files else ""))
+
+
+def _counts(df) -> str:
+    """``12 trials: 4 complete (1 missed the budget, not fine-tuned), 8 failed``: nonzero parts."""
+    states = df["state"].value_counts().to_dict()
+    missed = int(((df["state"] == "COMPLETE") & (df["meets_budget"] == False)).sum())  # noqa: E712
+    parts = []
+    if states.get("COMPLETE"):
+        parts.append(f"{states['COMPLETE']} complete"
+                     + (f" ({missed} missed the budget, not fine-tuned)" if missed else ""))
+    for state, text in (("PRUNED", "stopped early"), ("FAIL", "failed"),
+                        ("RUNNING", "unfinished (running, or interrupted: --resume re-runs it)"),
+                        ("WAITING", "waiting")):
+        if states.get(state):
+            parts.append(f"{states[state]} {text}")
+    return f"{len(df)} trials" + (": " + ", ".join(parts) if parts else "")
 
 
 def _cmd_pareto(args) -> int:
     import autoshrink as ash
 
     result = ash.load(args.dir)
-    png = result.plot(args.plot or f"{args.dir}/pareto.png", html=args.html or f"{args.dir}/pareto.html")
-    print(f"wrote {png} and {args.html or f'{args.dir}/pareto.html'}")
+    html = args.html or f"{args.dir}/pareto.html"
+    png = result.plot(args.plot or f"{args.dir}/pareto.png", html=html)
+    print(f"wrote {png} and {html}")
     return 0
 
 
@@ -176,8 +214,12 @@ def _cmd_export(args) -> int:
     import autoshrink as ash
 
     result = ash.load(args.dir)
-    dest = result.export(args.trial, args.output, onnx=args.onnx)
-    print(f"wrote {dest}/model.pt2" + (" and model.onnx" if args.onnx else ""))
+    try:
+        dest = result.export(args.trial, args.output, onnx=args.onnx)
+    except ImportError as exc:  # --onnx without the onnx extra
+        raise CliError(str(exc)) from exc
+    print(f"wrote {dest}/model.pt2" + (" and model.onnx" if args.onnx else "")
+          + " (README.md there says how to load it)")
     return 0
 
 
@@ -224,17 +266,20 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoshrink`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0): a code, as for any other outcome
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     from autoshrink.search import SearchError
     from autoshrink.space import SpaceError
     from autoshrink.task import TaskError
 
-    expected = (CliError, SpaceError, TaskError, SearchError, ValueError, FileNotFoundError,
-                PermissionError, KeyError, TypeError)
+    expected = (CliError, SpaceError, TaskError, SearchError, ValueError, OSError, KeyError,
+                TypeError)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("autoshrink: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"autoshrink: {exc}" if str(exc) else "autoshrink: interrupted", file=sys.stderr)
         return 130
     except expected as exc:
         if args.debug:

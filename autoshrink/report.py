@@ -32,7 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "AXIS_COLUMNS",
     "ParetoPlotData",
+    "chosen_table",
     "front_table",
+    "nearest_table",
     "pareto_plot_data",
     "plan_table",
     "plot_pareto",
@@ -698,7 +700,8 @@ def plot_pareto_html(
     Hovering a point shows the trial number, accuracy ± standard error, latency, size, MACs and
     every sampled ``param_*`` value. Two menus pick the columns on the x and y axes; the budget
     line follows the axis it limits. Feasible, infeasible and failed trials are separate traces
-    that the legend toggles. Unmeasured values sit just below the smallest measured one.
+    that the legend toggles. Trials with no measured y value sit on a row just below the smallest
+    measured one (at their x); trials with no measured x value are not drawn.
 
     Args:
         df: trials, one row per trial.
@@ -728,7 +731,8 @@ def plot_pareto_html(
         if col not in axes:
             axes.insert(0, col)
     fig = _render_plotly(data, df, axes)
-    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False},
+                       default_height="95vh")  # fill the browser window
     return _write_text_atomic(path, html)
 
 
@@ -747,11 +751,14 @@ def _render_plotly(data: ParetoPlotData, df: pd.DataFrame, axes: list[str]) -> A
             lo, hi = float(values.min()), float(values.max())
             floors[col] = lo - (0.06 * (hi - lo) if hi > lo else max(abs(lo) * 0.05, 1.0))
 
-    def column(rows: pd.DataFrame, col: str) -> list[float]:
+    def column(rows: pd.DataFrame, col: str, axis: str) -> list[float | None]:
         values = pd.to_numeric(rows[col], errors="coerce") if col in rows else pd.Series(
             np.nan, index=rows.index
         )
-        return values.fillna(floors[col]).astype(float).tolist()
+        if axis == "y":  # unmeasured: on a row of their own below the measured values
+            return values.fillna(floors[col]).astype(float).tolist()
+        # no invented x position: a trial with nothing measured on x is not drawn (None)
+        return [None if math.isnan(v) else v for v in values.astype(float).tolist()]
 
     # (name, rows, category for the hover, marker)
     layers: list[tuple[str, pd.DataFrame, str, dict[str, Any]]] = []
@@ -786,7 +793,7 @@ def _render_plotly(data: ParetoPlotData, df: pd.DataFrame, axes: list[str]) -> A
     fig = go.Figure()
     for name, rows, category, marker in layers:
         fig.add_trace(go.Scatter(
-            x=column(rows, data.x), y=column(rows, data.y), mode="markers", name=name,
+            x=column(rows, data.x, "x"), y=column(rows, data.y, "y"), mode="markers", name=name,
             marker=marker, text=[_hover_text(r, category) for _, r in rows.iterrows()],
             hovertemplate="%{text}<extra></extra>",
         ))
@@ -819,22 +826,24 @@ def _render_plotly(data: ParetoPlotData, df: pd.DataFrame, axes: list[str]) -> A
     def menu(axis: str, current: str, position: float) -> dict[str, Any]:
         buttons = []
         for col in axes:
-            args = {axis: [column(rows, col) for _, rows, _, _ in layers]}
+            args = {axis: [column(rows, col, axis) for _, rows, _, _ in layers]}
             layout = {f"{axis}axis.title.text": _axis_label(col)}
             layout.update(budget_shape(col, vertical=axis == "x"))
             buttons.append(dict(label=_axis_label(col), method="update", args=[args, layout]))
         return dict(buttons=buttons, direction="down", active=axes.index(current), x=position,
                     xanchor="left", y=1.13, yanchor="top", showactive=True)
 
-    budget = f" — budget: {data.budget_text}" if data.budget else ""
+    # the budget on a line of its own: one long line runs under plotly's toolbar
+    budget = f"<br><span style='font-size:12px;color:#555'>budget: {data.budget_text}</span>" if (
+        data.budget) else ""
     fig.update_layout(
-        title=dict(text=data.title + budget, x=0.5, y=0.98, font=dict(size=15)),
+        title=dict(text=data.title + budget, x=0.5, y=0.98, yanchor="top", font=dict(size=15)),
         xaxis_title=data.x_label,
         yaxis_title=data.y_label,
         template="plotly_white",
         hoverlabel=dict(align="left"),
         legend=dict(title="click to hide / show", groupclick="toggleitem"),
-        margin=dict(t=110),
+        margin=dict(t=110, b=95),
         updatemenus=[menu("x", data.x, 0.07), menu("y", data.y, 0.47)],
         annotations=[
             dict(text="x axis", x=0.0, y=1.11, xref="paper", yref="paper", showarrow=False,
@@ -843,6 +852,22 @@ def _render_plotly(data: ParetoPlotData, df: pd.DataFrame, axes: list[str]) -> A
                  xanchor="left"),
         ],
     )
+    if not (len(data.feasible) or len(data.infeasible)):
+        counts = ", ".join(f"{n} {what}" for n, what in (
+            (len(data.failed), "failed / pruned"), (data.n_unfinished, "unfinished")) if n)
+        fig.add_annotation(
+            text=f"No completed trial with a measured {data.y}" + (f" ({counts})" if counts else ""),
+            x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+            font=dict(size=15, color="#555"), bgcolor="white", bordercolor="#ccc", borderpad=8,
+        )
+    if len(data.infeasible) or len(data.failed):
+        # the PNG's footnote, under the x axis title
+        fig.add_annotation(
+            text="Points on the lowest row have no measured y value (missed the budget, so never "
+                 "fine-tuned; or failed / pruned). Trials with no measured x value are not drawn.",
+            x=0.5, y=0, xref="paper", yref="paper", yshift=-72, showarrow=False,
+            font=dict(size=11, color="#777"),
+        )
     return fig
 
 
@@ -946,14 +971,14 @@ def front_table(
 
     front = pareto_front(df, objectives)
     parsed = {c: Direction.parse(d, column=c) for c, d in objectives.items()}
-    arrows = ", ".join(f"{c} {'↑' if d is Direction.MAX else '↓'}" for c, d in parsed.items())
-    table = Table(title=f"Pareto front: {arrows} ({len(front)} of {len(df)} trials)",
+    arrows = ", ".join(f"{_header(c).split()[0]} {'↑' if d is Direction.MAX else '↓'}"
+                       for c, d in parsed.items())
+    table = Table(title=f"Pareto front ({arrows}): {len(front)} of {len(df)} trials",
                   header_style="bold")
     columns = _front_columns(front, list(parsed), params)
     for col in columns:
-        header = _header(col)
         style = "bold" if col in parsed else None
-        table.add_column(header, justify="right", style=style)
+        table.add_column(_header(col), justify="right", style=style)
     for _, row in front.iterrows():
         table.add_row(*[_cell(row, col) for col in columns])
     return table
@@ -967,9 +992,15 @@ def _front_columns(front: pd.DataFrame, objectives: Sequence[str], params: bool 
     return columns + (_param_columns(front) if params else [])
 
 
+# column -> header of the front tables (terminal and report.md): the unit, not the suffix
+_HEADERS = {"number": "trial", "accuracy": "accuracy %", "latency_ms": "latency ms",
+            "size_mb": "size MB", "mmacs": "MMACs", "meets_budget": "budget"}
+_DECIMALS = {"latency_ms": 3, "size_mb": 3, "mmacs": 2}
+
+
 def _header(col: str) -> str:
-    if col == "number":
-        return "trial"
+    if col in _HEADERS:
+        return _HEADERS[col]
     return col[len(_PARAM_PREFIX):] if col.startswith(_PARAM_PREFIX) else col
 
 
@@ -978,15 +1009,22 @@ def _cell(row: pd.Series, col: str) -> str:
         return _accuracy_cell(row)
     if col == "number":
         return f"#{_fmt_plain(row.get(col))}"
+    value = _number(row.get(col))
+    if value is not None and col in _DECIMALS:
+        # fixed decimals per column, so that values line up and compare at a glance
+        return f"{value:.{_DECIMALS[col]}f}"
     return _fmt_plain(row.get(col))
 
 
-def plan_table(layers: Sequence[Mapping[str, Any]]) -> Table:
-    """A rich table of a compression plan, one row per layer.
+def plan_table(layers: Sequence[Mapping[str, Any]], *, title: str = "Compression plan") -> Table:
+    """A rich table of a compression plan, one row per layer: bits, channels before → after, the
+    share of the compressed model's MACs (with a bar scaled to the largest share).
 
     Args:
         layers: dicts with ``layer``, ``bits``, ``channels_before``, ``channels_after`` and
-            ``latency_share`` (fraction 0-1 of the teacher's latency, or None if unknown).
+            ``latency_share`` (the layer's fraction 0-1 of the compressed model's MACs, a proxy for
+            its share of the latency; None if unknown); ``mmacs`` is shown when present.
+        title: the table's title.
 
     Returns:
         A :class:`rich.table.Table`.
@@ -1002,12 +1040,6 @@ def plan_table(layers: Sequence[Mapping[str, Any]]) -> Table:
     from rich.table import Table
 
     required = ("layer", "bits", "channels_before", "channels_after", "latency_share")
-    table = Table(title="Compression plan", header_style="bold")
-    table.add_column("layer")
-    table.add_column("bits", justify="right")
-    table.add_column("channels", justify="right")
-    table.add_column("kept", justify="right")
-    table.add_column("latency share (teacher)")
     for i, layer in enumerate(layers):
         missing = [k for k in required if k not in layer]
         if missing:
@@ -1015,21 +1047,121 @@ def plan_table(layers: Sequence[Mapping[str, Any]]) -> Table:
                 f"layers[{i}] has no {missing[0]!r}; each layer needs the keys {list(required)}, "
                 f"got {sorted(layer)}"
             )
+    show_macs = any(_number(layer.get("mmacs")) is not None for layer in layers)
+    shares = [_number(layer["latency_share"]) for layer in layers]
+    largest = max((v for v in shares if v is not None), default=0.0)
+    table = Table(title=title, header_style="bold")
+    table.add_column("layer")
+    table.add_column("bits", justify="right")
+    table.add_column("channels", justify="right")
+    table.add_column("kept", justify="right")
+    if show_macs:
+        table.add_column("MMACs", justify="right")
+    table.add_column("share of MACs")
+    for layer, share in zip(layers, shares, strict=True):
         bits = layer["bits"]
         before, after = layer["channels_before"], layer["channels_after"]
-        bits_cell = f"[cyan]{bits}[/cyan]" if bits not in (32, "32") else str(bits)
+        bits_cell = f"[cyan]{bits}[/cyan]" if str(bits) != "32" else f"[dim]{bits}[/dim]"
         if _is_missing(before) or _is_missing(after):
             channels, kept = "—", "—"
         else:
-            channels = str(before) if before == after else f"{before} → {after}"
+            pruned = after != before
+            channels = f"{before} → [yellow]{after}[/yellow]" if pruned else f"{before} → {after}"
             kept = f"{100.0 * float(after) / float(before):.0f}%" if float(before) else "—"
-        share = layer["latency_share"]
-        if _is_missing(share):
+        if share is None:
             share_cell = "—"
         else:
-            frac = min(max(float(share), 0.0), 1.0)
-            share_cell = f"{100.0 * float(share):5.1f}% " + "█" * round(20 * frac)
-        table.add_row(str(layer["layer"]), bits_cell, channels, kept, share_cell)
+            width = round(16 * share / largest) if largest > 0 else 0
+            share_cell = f"{100.0 * share:5.1f}% " + "█" * width
+        row = [str(layer["layer"]), bits_cell, channels, kept]
+        if show_macs:
+            macs = _number(layer.get("mmacs"))
+            row.append("—" if macs is None else f"{macs:.3g}")
+        table.add_row(*row, share_cell)
+    return table
+
+
+def _ratio_text(ratio: float, col: str) -> str:
+    """``3.40× faster`` / ``1.22× slower``: teacher / trial, said the way that reads as > 1."""
+    better, worse = {"latency_ms": ("faster", "slower"), "size_mb": ("smaller", "larger")}.get(
+        col, ("fewer", "more"))
+    return f"{ratio:.2f}× {better}" if ratio >= 1 else f"{1 / ratio:.2f}× {worse}"
+
+
+def nearest_table(nearest: pd.DataFrame, constraints: Mapping[str, float | None]) -> Table:
+    """A rich table of the trials closest to the budget and what each would have to change.
+
+    Args:
+        nearest: rows from :func:`autoshrink.frontier.nearest_feasible`.
+        constraints: column -> upper limit.
+
+    Returns:
+        A :class:`rich.table.Table`, one row per trial, in the given order.
+
+    Example:
+        >>> df = pd.DataFrame({"number": [3], "latency_ms": [6.0], "accuracy": [None]})
+        >>> nearest_table(df, {"latency_ms": 5.0}).row_count
+        1
+    """
+    from rich.table import Table
+
+    limits = {str(c): float(v) for c, v in constraints.items() if v is not None}
+    # accuracy only when measured: a candidate that missed the budget is never fine-tuned
+    measured = "accuracy" in nearest.columns and nearest["accuracy"].notna().any()
+    cols = [c for c in ("accuracy", *limits) if c in nearest.columns and (c != "accuracy" or measured)]
+    table = Table(title="Closest to the budget", header_style="bold")
+    table.add_column("trial", justify="right")
+    for col in cols:
+        table.add_column(_header(col), justify="right")
+    table.add_column("what would have to change", overflow="fold")
+    for _, row in nearest.iterrows():
+        table.add_row(_cell(row, "number"), *[_cell(row, c) for c in cols],
+                      _what_to_change(row, limits))
+    return table
+
+
+def chosen_table(chosen: pd.Series, teacher: Mapping[str, Any]) -> Table:
+    """A rich table comparing the chosen trial with the teacher: accuracy, latency, size, MACs.
+
+    Args:
+        chosen: the chosen trial's row.
+        teacher: the teacher's figures (``accuracy``, ``latency_ms`` compiled fp32,
+            ``latency_ms_eager``, ``size_mb``, ``mmacs``); absent ones are shown as "—".
+
+    Returns:
+        A :class:`rich.table.Table` without borders.
+
+    Example:
+        >>> row = pd.Series({"number": 2, "accuracy": 97.0, "latency_ms": 2.0, "size_mb": 1.0})
+        >>> chosen_table(row, {"accuracy": 98.0, "latency_ms": 6.0}).row_count
+        4
+    """
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False)
+    table.add_column("")
+    table.add_column(f"trial #{_fmt_plain(chosen.get('number'))}", justify="right")
+    table.add_column("teacher", justify="right")
+    table.add_column("change")
+    for col in ("accuracy", "latency_ms", "size_mb", "mmacs"):
+        c, t = _number(chosen.get(col)), _number(teacher.get(col))
+        mine = _cell(chosen, col) if col != "accuracy" else _accuracy_cell(chosen)
+        theirs = "—" if t is None else (f"{t:.2f}" if col == "accuracy" else _cell(pd.Series(teacher), col))
+        change = ""
+        if c is not None and t is not None:
+            if col == "accuracy":
+                change = f"{t - c:.2f} points lower" if t >= c else f"{c - t:.2f} points higher"
+            elif c > 0 and round(t / c, 2) != 1:
+                change = _ratio_text(t / c, col)
+            else:
+                change = "same"
+        if col == "latency_ms":
+            theirs += " fp32 compiled"
+            eager = _number(teacher.get("latency_ms_eager"))
+            if eager is not None and c:
+                change += f" ({_ratio_text(eager / c, col)} than eager, {_cell(pd.Series({col: eager}), col)})"
+        table.add_row(_header(col), mine, theirs, change)
     return table
 
 
@@ -1170,12 +1302,12 @@ def _chosen_section(chosen: pd.Series, teacher: Mapping[str, Any], metrics: list
                 summary.append(f"accuracy drop {drop:.2f} points")
             elif c > 0:
                 ratio = t / c
-                word = "faster" if col == "latency_ms" else "smaller"
-                change = f"{ratio:.2f}× {word}"
+                change = _ratio_text(ratio, col)
                 if col == "latency_ms":
-                    summary.insert(0, f"**{ratio:.2f}× speed-up**")
+                    summary.insert(0, f"**{ratio:.2f}× speed-up**" if ratio >= 1
+                                   else f"**{1 / ratio:.2f}× slower** than the teacher")
                 elif col == "size_mb":
-                    summary.insert(min(1, len(summary)), f"**{ratio:.2f}× smaller** on disk")
+                    summary.insert(min(1, len(summary)), f"**{_ratio_text(ratio, col)}** on disk")
         value = _fmt(col, chosen.get(col))
         if col == "accuracy" and not _is_missing(chosen.get("accuracy_se")):
             value = f"{float(chosen['accuracy']):.2f} ± {float(chosen['accuracy_se']):.2f}%"

@@ -33,8 +33,8 @@ def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60) -> d
     fp32 latency both eager and compiled (its *best* fp32 runtime, the fair baseline)."""
     import torch
 
-    from autoshrink.compress.quantize import compile_cpu, layer_bits
     from autoshrink.candidate import Candidate
+    from autoshrink.compress.quantize import compile_cpu, layer_bits
     from autoshrink.measure.flops import model_cost
     from autoshrink.measure.latency import MachineLock, measure_latency
 
@@ -87,7 +87,8 @@ def trials_frame(study) -> pd.DataFrame:
             row["error"] = "failed without a reason"
         if row["finetune_s"] is None and t.state.is_finished():
             row["finetune_s"] = 0.0
-        for name, value in (t.params or a.get("params", {})).items():
+        # a search samples Optuna params; a sweep records its given candidates' values
+        for name, value in (t.params or a.get("candidate_params", {})).items():
             row[f"param_{name}"] = value
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
@@ -188,12 +189,15 @@ class SearchResult:
     def export(self, row: pd.Series | int | None, path: str | os.PathLike, *, onnx: bool = False) -> Path:
         """Write a trial's deployable model to folder ``path``.
 
-        Writes ``model.pt2`` (the lowered int8 program: ``torch.export.load(p).module()``, then
-        ``torch.compile`` for int8 kernels), ``candidate.json``, ``metrics.json``, and
-        ``model.onnx`` with ``onnx=True``.
+        Writes ``model.pt2`` (the lowered int8 program; load it with
+        :func:`autoshrink.export.load_deployable`), ``candidate.json``, ``metrics.json``,
+        ``README.md`` (how to load it with torch alone), and with ``onnx=True`` ``model.onnx``
+        (QDQ, :func:`autoshrink.export.to_onnx`).
 
         Raises:
             ValueError: no trial given and none meets the budget, or the trial has no saved model.
+            autoshrink.export.ExportError: ``onnx=True`` and the program cannot be converted.
+            ImportError: ``onnx=True`` without the ``onnx`` extra installed.
         """
         if row is None:
             row = self.best
@@ -214,18 +218,22 @@ class SearchResult:
         dest = Path(path)
         dest.mkdir(parents=True, exist_ok=True)
         tmp = dest / f".model.pt2.tmp{os.getpid()}"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest / "model.pt2")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest / "model.pt2")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _write(dest / "candidate.json", self.candidate(number).to_json())
         metrics = {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
         _write(dest / "metrics.json", json.dumps(
             {"trial": metrics, "teacher": self.teacher, "budget": self.budget.constraints(),
              "layers": self.layer_plan(number)}, indent=2, default=str))
-        _write(dest / "README.md", _export_readme(number, metrics, self.teacher))
-        if onnx:
+        if onnx:  # before the README, which then names model.onnx only if it was written
             from autoshrink.export import to_onnx
 
             to_onnx(dest / "model.pt2", dest / "model.onnx")
+        _write(dest / "README.md", _export_readme(number, metrics, self.teacher, onnx=onnx))
         return dest
 
     def write(self) -> dict[str, Path]:
@@ -260,29 +268,51 @@ def _plain(v: Any) -> Any:
 
 
 def _write(path: Path, text: str) -> None:
+    """Write through a temporary name and ``os.replace``: ``path`` is whole or untouched."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _export_readme(number: int, m: dict, teacher: dict) -> str:
+def _export_readme(number: int, m: dict, teacher: dict, onnx: bool = False) -> str:
+    def num(d: dict, key: str, fmt: str) -> str:
+        v = d.get(key)
+        return "?" if v is None else format(v, fmt)
+
+    onnx_text = """
+`model.onnx` is the same int8 program as a QDQ ONNX graph (QuantizeLinear / DequantizeLinear around
+Conv / Gemm, dynamic batch), for ONNX Runtime or TensorRT.
+""" if onnx else ""
     return f"""# autoshrink export: trial {number}
 
-accuracy {m.get('accuracy')} % (teacher {teacher.get('accuracy')}), latency {m.get('latency_ms')} ms
-(teacher compiled fp32 {teacher.get('latency_ms')} ms), size {m.get('size_mb')} MB.
+| | this model | teacher |
+| --- | ---: | ---: |
+| accuracy (%) | {num(m, 'accuracy', '.2f')} ± {num(m, 'accuracy_se', '.2f')} | {num(teacher, 'accuracy', '.2f')} |
+| latency, batch 1 (ms) | {num(m, 'latency_ms', '.3f')} | {num(teacher, 'latency_ms', '.3f')} (fp32, compiled) |
+| size (MB) | {num(m, 'size_mb', '.3f')} | {num(teacher, 'size_mb', '.3f')} |
 
-Load and run with torch alone (int8 kernels need torch.compile with Inductor freezing on):
+`model.pt2` is the lowered int8 program (a `torch.export` archive). Load and run it with torch
+alone; the int8 kernels need `torch.compile` with Inductor freezing on (uncompiled, the program
+runs slow reference kernels):
 
 ```python
 import torch
+import torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops
 torch._inductor.config.freezing = True
 model = torch.compile(torch.export.load("model.pt2").module())
 with torch.no_grad():
     logits = model(x)   # x: a batch shaped like the training inputs
 ```
 
+or, with autoshrink installed, `model = autoshrink.export.load_deployable("model.pt2")` (the same).
+{onnx_text}
 `candidate.json` is the configuration (`autoshrink.Candidate.from_json`); apply it to your own
-copy of the model with `autoshrink.apply(model, candidate, example_input)`.
+copy of the model with `autoshrink.apply(model, candidate, example_input)`. `metrics.json` holds
+the trial's measurements, the teacher's, the budget and the per-layer plan.
 """
 
 

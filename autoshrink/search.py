@@ -13,6 +13,7 @@ the sampler (NaN in ``trials.csv``: it was not measured).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -28,9 +29,17 @@ from autoshrink.candidate import Candidate
 from autoshrink.space import SearchSpace
 from autoshrink.task import Task
 
-__all__ = ["SearchError", "baselines", "default_workers", "search"]
+__all__ = ["SearchError", "baselines", "check_run_folder", "default_workers", "search"]
 
+DEFAULT_LATENCY_TARGET = "latency_target"
 INTERRUPTED = "interrupted: the driver stopped before this trial finished (re-run on resume)"
+SURPLUS = "not run: the study already had its trials (another driver sharing it asked first)"
+# trials that do not count towards the total: re-run on resume, or never run at all
+NOT_COUNTED = (INTERRUPTED, SURPLUS)
+# a cheapest configuration this much slower than the latency budget stops the search early
+# (timing noise between two compilations of one model stays well within it)
+LATENCY_PRECHECK_TOLERANCE = 1.25
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
 METRIC_ATTRS = (
     "accuracy", "accuracy_se", "latency_ms", "latency_iqr_ms", "size_mb", "mmacs",
     "bops", "params", "meets_budget", "finetune_s", "compress_s", "measure_s", "evaluate_s",
@@ -96,38 +105,212 @@ def _make_sampler(name: str, seed: int, space: SearchSpace):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise SearchError(f"unknown sampler {name!r}; choose one of ['tpe', 'nsga2', 'random']")
+    if name == "grid":
+        return _grid_sampler(space.grid(), seed)
+    raise SearchError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+
+
+def _grid_sampler(grid: dict, seed: int):
+    """Optuna's GridSampler (every point once, in a seeded random order), minus its habit of
+    calling ``study.stop()`` once the grid is covered: that only works inside
+    ``study.optimize``, and this driver counts its own trials."""
+    import optuna
+
+    class _GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    sampler = _GridSampler(grid, seed=seed)
+    sampler.size = math.prod(len(v) for v in grid.values())
+    return sampler
+
+
+def _storage(url: str):
+    """An Optuna storage for ``url``. SQLite waits up to a minute for a lock held by another
+    driver sharing the file (its default, 5 s, is too short on a loaded machine)."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if not url.startswith("sqlite:"):
+        return url
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        except (IntegrityError, OperationalError):
+            # two drivers creating one new file race to stamp its schema version; the loser
+            # finds the schema there on a second look
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _check_study(storage, study_name: str, resume: bool, out: Path, space: SearchSpace | None,
+                 join: bool) -> None:
+    """The checks :func:`search` makes on an existing storage, without changing it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if resume and study_name not in summaries:
+        raise SearchError(
+            f"--resume: no study {study_name!r} in the run folder {str(out)!r}; "
+            "start a new search without --resume"
+        )
+    if study_name not in summaries:
+        return
+    study = optuna.load_study(study_name=study_name, storage=storage,
+                              sampler=optuna.samplers.RandomSampler())
+    if not resume and not join and any(t.state.is_finished() for t in study.trials):
+        raise SearchError(
+            f"{str(out)!r} already holds a search ({len(study.trials)} trials); "
+            "pass --resume to continue it or choose another --out"
+        )
+    fp = study.user_attrs.get("space_fingerprint")
+    if space is not None and fp is not None and fp != space.fingerprint():
+        raise SearchError(
+            f"{'--resume: ' if resume else ''}the study in {str(out)!r} was made with a different "
+            f"search space ({study.user_attrs.get('space_source')}, now {space.source}); "
+            "use the same space or a new --out"
+        )
+
+
+def check_run_folder(
+    out: str | os.PathLike | None,
+    *,
+    resume: bool = False,
+    storage: str | None = None,
+    study_name: str = "autoshrink",
+    space: SearchSpace | None = None,
+) -> Path:
+    """Check a run folder as :func:`search` will, before any model is built (a built-in task
+    may train its teacher for minutes first): the folder is writable, ``resume`` finds its
+    study, made with the same ``space``, and a new search does not overwrite an old one.
+
+    Returns:
+        The run folder (created if it did not exist).
+
+    Raises:
+        SearchError: naming the folder and what to do instead.
+
+    Example:
+        >>> import tempfile
+        >>> check_run_folder(tempfile.mkdtemp()).is_dir()
+        True
+    """
+    if resume:
+        if out is None:
+            raise SearchError("--resume needs the run folder to continue (--out DIR)")
+        if storage is None and not (Path(out) / "study.db").is_file():
+            raise SearchError(
+                f"--resume: {str(out)!r} holds no search (no study.db); "
+                "start a new search without --resume"
+            )
+    path = _prepare_out(out)
+    if storage is None and not (path / "study.db").is_file():
+        return path  # a new run folder: nothing more to check
+    url = storage or f"sqlite:///{(path / 'study.db').resolve()}"
+    _check_study(_storage(url), study_name, resume, path, space, join=storage is not None)
+    return path
 
 
 def _open_study(storage: str, study_name: str, sampler, resume: bool, out: Path,
                 space: SearchSpace | None, join: bool = False):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    if resume and study_name not in existing:
-        raise SearchError(
-            f"--resume: no study {study_name!r} in {storage} (run folder {str(out)!r}); "
-            "start a new search without --resume"
-        )
-    if not resume and not join and study_name in existing:
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
-        if any(t.state.is_finished() for t in study.trials):
-            raise SearchError(
-                f"{str(out)!r} already holds a search ({len(study.trials)} trials); "
-                "pass --resume to continue it or choose another --out"
-            )
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, sampler=sampler,
+    store = _storage(storage)
+    _check_study(store, study_name, resume, out, space, join)
+    return optuna.create_study(
+        storage=store, study_name=study_name, sampler=sampler,
         directions=["maximize", "minimize"], load_if_exists=True,
     )
-    fp = study.user_attrs.get("space_fingerprint")
-    if space is not None and fp is not None and fp != space.fingerprint():
+
+
+def _cheapest(space: SearchSpace) -> Candidate:
+    """The space's smallest, lightest configuration: every rule at its lowest bits and its
+    highest pruning ratio (and no channel rounding when the space allows it)."""
+    spec = space.to_dict()
+
+    def top(knob: Any) -> float:
+        if isinstance(knob, dict):  # a range
+            if knob.get("step"):
+                return knob["low"] + math.floor((knob["high"] - knob["low"]) / knob["step"] + 1e-9) * knob["step"]
+            return knob["high"]
+        return max(knob) if isinstance(knob, list) else knob
+
+    bits, prune = {}, {}
+    for rule in spec["layers"]:
+        if rule.get("bits") is not None:
+            b = rule["bits"]
+            bits[rule["pattern"]] = min(b) if isinstance(b, list) else b
+        if rule.get("prune") is not None:
+            prune[rule["pattern"]] = top(rule["prune"])
+    rounding = spec.get("round_to")
+    if isinstance(rounding, list):
+        rounding = None if None in rounding else min(rounding)
+    return Candidate(bits=bits, prune=prune, default_bits=spec["defaults"]["bits"],
+                     default_prune=spec["defaults"]["prune"], finetune_steps=0, round_to=rounding)
+
+
+def _check_exportable(task: Task) -> None:
+    """Quantization and the saved model both go through ``torch.export``: a model it cannot
+    capture would fail every trial, so say so once, before any trial runs."""
+    import copy
+
+    from autoshrink.compress.quantize import export_model
+    from autoshrink.task import TaskError
+
+    try:
+        export_model(copy.deepcopy(task.model).eval(), task.example_input)
+    except Exception as exc:  # the user's model: any failure here is the same finding
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise TaskError(
+            f"the model cannot be captured by torch.export, which quantization and the saved model "
+            f"need: {type(exc).__name__}: {first[:300]}. The usual cause is Python control flow on "
+            "tensor values (`if x.sum() > 0:`); express it with torch.where or torch.cond"
+        ) from exc
+
+
+def _check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: _Settings,
+                     latency: bool) -> None:
+    """Fail early when even the cheapest configuration of the space misses the budget, naming
+    the minimum achievable. Size and MACs are computed exactly (~1 s); latency, when ``latency``
+    is set, is measured once on the compiled cheapest model, with a tolerance for timing noise."""
+    from autoshrink.compress import compress
+    from autoshrink.measure.flops import model_cost
+    from autoshrink.measure.latency import MachineLock
+    from autoshrink.trial import TrialContext, evaluate
+
+    limits = budget.constraints()
+    if not limits:
+        return
+    cheapest = _cheapest(space)
+    x = task.example_input
+    try:
+        comp = compress(task.model, cheapest, x)
+        cost = model_cost(comp.pruned, x, comp.bits)
+    except Exception:  # noqa: BLE001 - each trial will record its own failure; no verdict here
+        return
+    found = {"size_mb": cost.size_mb, "mmacs": cost.mmacs}
+    units = {"size_mb": "MB", "mmacs": "MMACs", "latency_ms": "ms"}
+    missed = {k: v for k, v in found.items() if k in limits and v > limits[k]}
+    if not missed and latency and budget.latency_ms is not None:
+        ctx = TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
+                           latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+        try:  # a budget no model meets: evaluate() stops right after timing the lowered model
+            r = evaluate(task, cheapest, Budget(latency_ms=1e-9), ctx)
+        except Exception:  # noqa: BLE001
+            return
+        if r.latency_ms is not None and r.latency_ms > budget.latency_ms * LATENCY_PRECHECK_TOLERANCE:
+            missed["latency_ms"] = r.latency_ms
+    if missed:
+        got = ", ".join(f"{k} {v:.4g} {units[k]} > {limits[k]:g}" for k, v in missed.items())
+        least = ", ".join(f"{k} {v:.4g} {units[k]}" for k, v in missed.items())
         raise SearchError(
-            f"--resume: the study in {str(out)!r} was made with a different search space "
-            f"({study.user_attrs.get('space_source')}); resume with the same space or use a new --out"
+            f"no configuration of the space {space.source} can meet the budget "
+            f"({budget.describe()}): even the cheapest one (lowest bits, most pruning) has {got}. "
+            f"The minimum achievable is about {least}: raise the budget or widen the space"
         )
-    return study
 
 
 def search(
@@ -151,6 +334,7 @@ def search(
     enqueue_baselines: bool = True,
     progress: bool = True,
     max_drop: float | None = None,
+    latency_target: str | None = None,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -164,10 +348,15 @@ def search(
         resume: continue the study in ``out`` (interrupted trials are failed and re-run).
         seed: seeds the sampler and fine-tuning; the same seed, space and task give the same
             sequence of candidates.
-        sampler: "tpe" (with constraints, default), "nsga2" or "random".
+        sampler: "tpe" (with constraints, default), "nsga2", "random", or "grid" (every point of
+            :meth:`SearchSpace.grid` once, in a seeded order; needs a space without continuous
+            ranges; ``trials`` is capped at the grid's size plus the baselines).
         storage: an Optuna storage URL (default ``sqlite:///<out>/study.db``).
         study_name: the study's name in the storage (several drivers may share one).
         ray_address: join an existing Ray cluster instead of starting a local one.
+        latency_target: the custom Ray resource that marks the node to time latency on (the
+            deployment hardware). None: ``"latency_target"`` if the cluster offers it, else each
+            trial times in its own process. A name the cluster does not offer is an error.
         threads_per_worker: torch threads per trial (default: cores // workers).
         latency_threads: threads while timing latency.
         latency_runs: timed runs per latency measurement.
@@ -181,8 +370,12 @@ def search(
         A :class:`autoshrink.result.SearchResult`.
 
     Raises:
-        SearchError: unusable run folder, resume mismatch, unknown sampler.
-        SpaceError: a space that does not fit the model.
+        SearchError: unusable run folder, resume mismatch, unknown sampler, or a budget that
+            even the space's cheapest configuration misses (the message names the minimum).
+        TaskError: a model that ``torch.export`` cannot capture.
+        KeyboardInterrupt: after Ctrl-C or SIGTERM, once the trials so far are recorded and the
+            run folder's files written (``resume=True`` continues).
+        SpaceError: a space that does not fit the model, or a continuous knob with ``sampler="grid"``.
 
     Example:
         >>> import autoshrink as ash                                          # doctest: +SKIP
@@ -205,31 +398,43 @@ def search(
     elif not isinstance(space, SearchSpace):
         space = SearchSpace.from_yaml(space)
     space = space.bind(quantizable_layers(task.model))
-    out_dir = _prepare_out(out)
+    out_dir = check_run_folder(out, resume=resume, storage=storage, study_name=study_name,
+                               space=space)
     join = storage is not None  # drivers sharing an explicit storage join one study
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     workers = workers or default_workers()
     threads = threads_per_worker or max(1, (os.cpu_count() or 2) // workers)
-    study = _open_study(storage, study_name, _make_sampler(sampler, seed, space), resume, out_dir,
-                        space, join)
+    sampler_obj = _make_sampler(sampler, seed, space)
+    if hasattr(sampler_obj, "size"):  # grid: each point once, plus the baselines
+        trials = min(trials, sampler_obj.size + (len(baselines(space)) if enqueue_baselines else 0))
+    settings = _Settings(threads=threads, latency_threads=latency_threads,
+                         latency_runs=latency_runs, eval_every=0, seed=seed, lock_dir=None)
+    if not resume:  # a resumed study passed these checks when it began
+        _check_exportable(task)
+    _check_reachable(task, space, budget, settings,
+                     latency=not resume and latency_target is None and latency_runs > 0)
+    study = _open_study(storage, study_name, sampler_obj, resume, out_dir, space, join)
 
-    driver = _Driver(task, space, budget, study, out_dir, workers, _Settings(
-        threads=threads, latency_threads=latency_threads, latency_runs=latency_runs,
-        eval_every=0, seed=seed, lock_dir=None,
-    ), ray_address, early_stopping, progress)
+    driver = _Driver(task, space, budget, study, out_dir, workers, settings,
+                     ray_address, early_stopping, progress, latency_target=latency_target)
     driver.record_meta(sampler=sampler, seed=seed, trials=trials, max_drop=max_drop)
     requeue = driver.fail_interrupted()
     if enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not resume:
-        for cand in baselines(space, _space_defaults(space)):
+        for cand in baselines(space, _space_defaults(space))[:trials]:  # a queued one left over would stay WAITING
             study.enqueue_trial(space.candidate_params(cand), skip_if_exists=True)
-    for params in requeue:
-        study.enqueue_trial(params)
+    for number, params in requeue:
+        study.enqueue_trial(params, user_attrs={"rerun_of": number})
     try:
         driver.run(trials)
     finally:
         driver.close()
     result = load(out_dir, storage=storage, study_name=study_name, max_drop=max_drop)
     result.write()
+    if driver.interrupted:  # Ctrl-C / SIGTERM: what is done is recorded and written; stop here
+        raise KeyboardInterrupt(
+            f"interrupted; the trials so far are recorded in {out_dir} (trials.csv, pareto.png): "
+            "continue with --resume (resume=True) and the same arguments"
+        )
     return result
 
 
@@ -252,12 +457,14 @@ class _Driver:
     """Keeps ``workers`` trials in flight, records every outcome in the study."""
 
     def __init__(self, task, space, budget, study, out, workers, settings, ray_address,
-                 early_stopping, progress) -> None:
+                 early_stopping, progress, *, latency_target: str | None = None) -> None:
+        self.latency_target = latency_target
         self.task, self.space, self.budget, self.study = task, space, budget, study
         self.out, self.workers, self.settings = out, workers, settings
         self.ray_address, self.early_stopping, self.show_progress = ray_address, early_stopping, progress
         self._ray_started = False
         self._stop = False
+        self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the run
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def record_meta(self, **extra: Any) -> None:
@@ -278,17 +485,32 @@ class _Driver:
             s.set_user_attr("teacher", measure_teacher(self.task, self.settings.latency_threads,
                                                       self.settings.latency_runs))
 
-    def fail_interrupted(self) -> list[dict]:
-        """Trials left RUNNING by a killed driver: mark them FAIL and return their params."""
+    def fail_interrupted(self) -> list[tuple[int, dict]]:
+        """Trials a stopped driver left unfinished, to re-run: those a killed driver left RUNNING
+        are marked FAIL (interrupted) here; those a stopped one (Ctrl-C) marked so itself.
+
+        Returns:
+            ``(number, params)`` of each interrupted trial that no later trial re-runs yet.
+        """
         import optuna
 
-        requeue = []
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if _driver_alive(t.user_attrs.get("driver")):
                 continue  # another live driver on this storage owns it
             optuna.Trial(self.study, t._trial_id).set_user_attr("error", INTERRUPTED)
             self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            requeue.append(dict(t.params))
+        trials = self.study.get_trials(deepcopy=False)
+        rerun = {t.user_attrs.get("rerun_of") for t in trials}
+        requeue = []
+        for t in trials:
+            if (t.state != optuna.trial.TrialState.FAIL or t.user_attrs.get("error") != INTERRUPTED
+                    or t.number in rerun):
+                continue
+            # a driver killed between ask and sampling left no params: an enqueued trial (a
+            # baseline, a re-run) still has the ones it was given; a sampled one is just dropped
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+            if params:
+                requeue.append((t.number, params))
         return requeue
 
     def _committed(self) -> int:
@@ -300,8 +522,21 @@ class _Driver:
                   optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
         return sum(
             1 for t in self.study.get_trials(deepcopy=False, states=states)
-            if t.user_attrs.get("error") != INTERRUPTED
+            if t.user_attrs.get("error") not in NOT_COUNTED
         )
+
+    def _surplus(self, number: int, total: int) -> bool:
+        """True if trial ``number`` is beyond the total: drivers sharing a study may both see
+        room for one more trial and both ask; the lower trial numbers (storage order) win."""
+        import optuna
+
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
+        earlier = sum(
+            1 for t in self.study.get_trials(deepcopy=False, states=states)
+            if t.number < number and t.user_attrs.get("error") not in NOT_COUNTED
+        )
+        return earlier >= total
 
     def _finished(self) -> int:
         import optuna
@@ -310,7 +545,7 @@ class _Driver:
                 optuna.trial.TrialState.FAIL)
         return sum(
             1 for t in self.study.get_trials(deepcopy=False, states=done)
-            if t.user_attrs.get("error") != INTERRUPTED
+            if t.user_attrs.get("error") not in NOT_COUNTED
         )
 
     # -- ray ----------------------------------------------------------------------------------------
@@ -322,15 +557,51 @@ class _Driver:
         if self.ray_address:
             ray.init(address=self.ray_address, log_to_driver=False, logging_level="ERROR")
         else:
-            ray.init(
-                num_cpus=self.workers * self.settings.threads,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-                logging_level="ERROR",
-                configure_logging=False,
-            )
+            with _loopback_only():
+                ray.init(
+                    # always a new local instance: with no address, Ray would join a cluster
+                    # someone started on this machine with `ray start` (its latest one)
+                    address="local",
+                    num_cpus=self.workers * self.settings.threads,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                    configure_logging=False,
+                )
             self._ray_started = True
+
+    def _latency_meter(self):
+        """A ``LatencyMeter`` actor on the node offering the latency-target resource, or None
+        (each trial then times in its own process, under its machine's lock)."""
+        import ray
+
+        from autoshrink.measure.latency import LatencyMeter
+
+        name = self.latency_target or DEFAULT_LATENCY_TARGET
+        offered = ray.cluster_resources().get(name, 0.0)
+        if not offered:
+            if self.latency_target:
+                raise SearchError(
+                    f"latency target: the Ray cluster offers no resource {name!r}; start the "
+                    f"target node with `ray start --address ... --resources '{{\"{name}\": 1}}'`"
+                )
+            return None
+        # a sliver of the resource, so that several searches can share one target; their
+        # timings still take turns under the target's machine lock
+        meter = ray.remote(num_cpus=0, resources={name: 0.01})(LatencyMeter).remote()
+        where = ray.get(meter.where.remote())
+        self.study.set_user_attr("latency_measured_on", {"resource": name, **where})
+        teacher = dict(self.study.user_attrs.get("teacher") or {})
+        if teacher and "latency_ms_driver" not in teacher:  # the teacher, timed on the target too
+            from autoshrink.measure.latency import program_bytes
+
+            x = self.task.example_input[:1].contiguous()
+            lat = ray.get(meter.measure.remote(program_bytes(self.task.model.eval(), x), x,
+                                               self.settings.latency_runs, self.settings.latency_threads))
+            teacher["latency_ms_driver"], teacher["latency_ms"] = teacher.get("latency_ms"), lat.median_ms
+            self.study.set_user_attr("teacher", teacher)
+        return meter
 
     def close(self) -> None:
         if self._ray_started:
@@ -360,6 +631,14 @@ class _Driver:
         logits_ref = ray.put(logits)
         remote = ray.remote(num_cpus=self.settings.threads, max_retries=1)(run_trial)
         rungs = ray.remote(num_cpus=0)(Rungs).remote() if self.early_stopping else None
+        if rungs is not None:  # a resumed study's earlier fine-tunes still count as rivals
+            rungs.seed.remote({
+                t.number: [(step, acc, t.user_attrs.get("latency_ms"),
+                            t.user_attrs.get("candidate", {}).get("finetune_steps"))
+                           for step, acc in t.user_attrs["history"]]
+                for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("history")
+            })
+        meter = self._latency_meter()
         budget = self.budget.constraints()
         view = ProgressView(total, self._finished(), enabled=self.show_progress)
         inflight: dict[Any, tuple[optuna.trial.Trial, Candidate]] = {}
@@ -370,6 +649,10 @@ class _Driver:
                 while len(inflight) < self.workers and self._committed() < total:
                     trial = self.study.ask()
                     trial.set_user_attr("driver", _DRIVER_ID)
+                    if self._surplus(trial.number, total):
+                        trial.set_user_attr("error", SURPLUS)
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        break
                     cand = propose(trial) if propose is not None else self.space.sample(trial)
                     trial.set_user_attr("candidate", cand.to_dict())
                     ctx = {
@@ -380,6 +663,7 @@ class _Driver:
                         "artifact_dir": str((self.out / "trials" / f"{trial.number:04d}").resolve()),
                         "seed": self.settings.seed + trial.number,
                         "lock_dir": self.settings.lock_dir,
+                        "meter": meter,
                     }
                     ref = remote.remote(task_ref, cand.to_dict(), budget, ctx, logits_ref, rungs,
                                         trial.number)
@@ -397,14 +681,22 @@ class _Driver:
                     self._tell(trial, cand, metrics)
                     view.finished(trial.number, metrics, self.budget)
         except KeyboardInterrupt:
-            self._stop = True
+            self._stop = self.interrupted = True
             view.note("interrupted: stopping, recording what is done")
         finally:
             signal.signal(signal.SIGTERM, old_handler)
             for ref, (trial, _cand) in inflight.items():
-                ray.cancel(ref, force=True)
-                trial.set_user_attr("error", INTERRUPTED)
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                # best effort: Ctrl-C in a terminal also reaches Ray's own processes, and a
+                # trial left RUNNING is failed and re-run by the next resume anyway
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                try:
+                    trial.set_user_attr("error", INTERRUPTED)
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                except Exception:  # noqa: BLE001
+                    pass
             view.close()
 
     def _on_term(self, *_args) -> None:
@@ -446,6 +738,29 @@ class _Driver:
 
 
 _DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+_CLUSTER_MODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Keep a local Ray on 127.0.0.1. On Linux, Ray turns ``_node_ip_address="127.0.0.1"``
+    into the machine's outward address, and its GCS, raylet and workers then listen on every
+    interface (with no authentication: ``RAY_AUTH_MODE=disabled``). In Ray's single-machine
+    mode (the Windows/macOS default, which this variable selects) they bind the loopback
+    address only. The setting is inherited by the processes ``ray.init`` starts."""
+    import ray._private.ray_constants as ray_constants
+
+    saved_env, saved = os.environ.get(_CLUSTER_MODE_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_MODE_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_MODE_VAR, None)
+        else:
+            os.environ[_CLUSTER_MODE_VAR] = saved_env
 
 
 def _driver_alive(driver: str | None) -> bool:
@@ -469,8 +784,12 @@ def _driver_alive(driver: str | None) -> bool:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _ray_reason(exc: BaseException) -> str:

@@ -206,7 +206,7 @@ def _loc(loc: Sequence[Any]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in {"list[float]", "list[int]", "list[any]", "float", "int", "Range", "none",
-                      "list[union[int,none]]", "list[int]", "bool"} or "[" in str(part) or part in (
+                      "list[union[int,none]]", "bool"} or "[" in str(part) or part in (
                           "constrained-int", "constrained-float"):
             continue  # pydantic's union-branch labels are noise to a user
         else:
@@ -439,6 +439,50 @@ class SearchSpace:
                 params[name] = _snap(knob, values[name])
         return params
 
+    def grid(self) -> dict[str, list[Any]]:
+        """Every sampled parameter with its finite set of values, for a grid search.
+
+        Choices are taken as listed, stepped ranges as ``low, low + step, ... <= high``, with the
+        same names and types :meth:`sample` suggests (so the dict feeds Optuna's ``GridSampler``).
+
+        Returns:
+            ``{param_name: [values]}`` over :meth:`param_names` (fixed knobs are not parameters).
+
+        Raises:
+            SpaceError: a continuous knob (a range without ``step``), naming its key path.
+
+        Example:
+            >>> space = SearchSpace.from_dict({"layers": [{"pattern": "*", "bits": [8, 32],
+            ...     "prune": {"low": 0.0, "high": 0.5, "step": 0.25}}],
+            ...     "distill": {"temperature": [2.0, 4.0]}, "finetune": {"lr": 0.01}})
+            >>> space.grid()
+            {'bits.*': [8, 32], 'prune.*': [0.0, 0.25, 0.5], 'kd_temperature': [2.0, 4.0]}
+        """
+        grid: dict[str, list[Any]] = {}
+
+        def add(name: str, knob: Any, where: str) -> None:
+            if not _is_choice(knob):
+                return
+            if isinstance(knob, Range) and knob.step is None:
+                raise SpaceError(
+                    f"{self.source}: {where}: {{low: {knob.low:g}, high: {knob.high:g}}} is a "
+                    "continuous range; a grid search needs a finite set of values: give the "
+                    "range a `step` or list the choices"
+                )
+            grid[name] = _finite_values(knob)
+
+        for i, rule in enumerate(self._spec.layers):
+            for key in self._keys(rule):
+                suffix = rule.label if not rule.per_layer else key
+                add(f"bits.{suffix}", rule.bits, f"layers[{i}].bits")
+                add(f"prune.{suffix}", rule.prune, f"layers[{i}].prune")
+        paths = {"kd_temperature": "distill.temperature", "kd_alpha": "distill.alpha",
+                 "finetune_steps": "finetune.steps", "lr": "finetune.lr",
+                 "batch_size": "finetune.batch_size", "round_to": "round_to"}
+        for name, knob in self._knobs().items():
+            add(name, knob, paths[name])
+        return grid
+
     def __repr__(self) -> str:
         return f"SearchSpace(name={self.name!r}, source={self.source!r}, params={len(self.param_names())})"
 
@@ -450,6 +494,16 @@ def _probe_name(pattern: str) -> str:
 
 def _is_choice(knob: Any) -> bool:
     return isinstance(knob, Range) or (isinstance(knob, list) and len(knob) > 1)
+
+
+def _finite_values(knob: Any) -> list[Any]:
+    # the values _suggest can return for a discrete knob, with the same types
+    if isinstance(knob, Range):
+        values = knob.values() or []
+        if all(float(v).is_integer() for v in values) and float(knob.step).is_integer():
+            return [int(v) for v in values]
+        return values
+    return list(knob)
 
 
 def _suggest(trial: Any, name: str, knob: Any) -> Any:

@@ -124,7 +124,8 @@ def sweep(
 
     def propose(trial):
         cand = next(queue)
-        trial.set_user_attr("params", candidate_params(cand))
+        # not "params": that user attribute is the parameter count (a metric)
+        trial.set_user_attr("candidate_params", candidate_params(cand))
         return cand
 
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +123,7 @@ class Task:
         batch_size: int = 256,
         limit: int | None = None,
         fixed_batch: bool = False,
+        guard: Callable[[], AbstractContextManager] | None = None,
     ) -> tuple[float, float | None]:
         """The metric of ``model`` on the validation data, with its standard error when the
         metric is the default top-1 accuracy (binomial: sqrt(p(1-p)/n), in points).
@@ -130,7 +133,10 @@ class Task:
             limit: use only the first ``limit`` validation samples (for intermediate reports).
             fixed_batch: pad the last batch to ``batch_size`` so a compiled model sees one shape
                 (one compilation instead of two); padded rows are dropped before scoring.
+            guard: a context-manager factory held around each batch (the machine lock's shared
+                side during a search).
         """
+        hold = guard or contextlib.nullcontext
         logits, targets = [], []
         seen = 0
         with torch.no_grad():
@@ -142,7 +148,8 @@ class Task:
                 n = len(x)
                 if fixed_batch and n < batch_size:
                     x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-                logits.append(model(x)[:n].float())
+                with hold():
+                    logits.append(model(x)[:n].float())
                 targets.append(y)
                 seen += len(y)
         out, tgt = torch.cat(logits), torch.cat(targets)

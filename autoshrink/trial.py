@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import time
@@ -21,11 +22,11 @@ import torch
 
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
-from autoshrink.compress import compress
+from autoshrink.compress import Compressed, compress
 from autoshrink.compress.distill import StopTrial, finetune
 from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
-from autoshrink.measure.flops import model_cost
-from autoshrink.measure.latency import MachineLock, measure_latency
+from autoshrink.measure.flops import Cost, model_cost
+from autoshrink.measure.latency import Latency, MachineLock, measure_latency
 from autoshrink.task import Task
 
 __all__ = ["State", "TrialContext", "TrialResult", "evaluate", "save_deployable"]
@@ -53,6 +54,9 @@ class TrialContext:
         eval_every: steps between intermediate reports (0: none).
         artifact_dir: where a finished trial saves its deployable model (None: not saved).
         seed: seeds fine-tuning.
+        measure: ``measure(lowered, example_input, runs, threads) -> Latency`` times the lowered
+            (uncompiled) model somewhere else, e.g. on the latency-target machine of a Ray
+            cluster; None: compile and time it here, inside ``lock``.
     """
 
     threads: int = 1
@@ -64,6 +68,7 @@ class TrialContext:
     eval_every: int = 0
     artifact_dir: str | None = None
     seed: int = 0
+    measure: Callable[[torch.nn.Module, torch.Tensor, int, int], Latency] | None = None
 
 
 @dataclass
@@ -88,6 +93,7 @@ class TrialResult:
     history: list[tuple[int, float]] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)
     skipped_layers: dict[str, str] = field(default_factory=dict)
+    fp32_layers: dict[str, str] = field(default_factory=dict)  # asked to quantize, left fp32: why
 
     def metrics(self) -> dict:
         d = asdict(self)
@@ -124,42 +130,42 @@ def evaluate(
     result = TrialResult()
     x = task.example_input
 
+    # Heavy work holds the machine lock's shared side, one piece at a time, so that no trial's
+    # latency timing (which takes it exclusively) overlaps another trial's work.
+    guard = ctx.lock.training if ctx.lock is not None else None
+    hold = guard or contextlib.nullcontext
+
     # 1. compress
     t0 = time.perf_counter()
-    comp = compress(task.model, candidate, x)
+    with hold():
+        comp = compress(task.model, candidate, x)
     result.compress_s = time.perf_counter() - t0
     result.skipped_layers = dict(comp.prune_report.skipped)
 
     # 2. cheap metrics, then latency of the deployable model
     t0 = time.perf_counter()
-    cost = model_cost(comp.pruned, x, comp.bits)
-    result.mmacs, result.bops, result.params, result.size_mb = (
-        cost.mmacs, cost.bops, cost.params, cost.size_mb
-    )
-    result.layers = [
-        {
-            "layer": c.layer,
-            "bits": comp.bits.get(c.layer, 32),
-            "channels_before": c.before,
-            "channels_after": c.after,
-            "mmacs": cost.layer_macs.get(c.layer, 0.0) / 1e6,
-        }
-        for c in comp.prune_report.layers
-    ]
+    with hold():
+        cost = _record_cost(result, comp, x)
     static_violation = Budget(size_mb=budget.size_mb, mmacs=budget.mmacs).violations(
         {"size_mb": cost.size_mb, "mmacs": cost.mmacs}
     )
     if not static_violation and ctx.latency_runs > 0:
         calib = list(task.calibration_batches())
-        ptq = prepare_ptq(comp.pruned, _bits_only(comp.bits), x, calib)
-        deployable = compile_cpu(lower(ptq))
-        lat = measure_latency(
-            deployable, x, runs=ctx.latency_runs, threads=ctx.latency_threads, lock=ctx.lock
-        )
+        with hold():
+            ptq = prepare_ptq(comp.pruned, _bits_only(comp.bits), x, calib)
+            if comp.verify(ptq):  # a layer the quantizer could not match stays fp32: re-cost
+                cost = _record_cost(result, comp, x)
+        if ctx.measure is not None:
+            lat = ctx.measure(lower(ptq), x, ctx.latency_runs, ctx.latency_threads)
+        else:
+            lat = measure_latency(
+                compile_cpu(lower(ptq)), x, runs=ctx.latency_runs, threads=ctx.latency_threads,
+                lock=ctx.lock,
+            )
         result.latency_ms, result.latency_iqr_ms = lat.median_ms, lat.p75_ms - lat.p25_ms
         if on_latency is not None:
             on_latency({"latency_ms": lat.median_ms})
-        del deployable, ptq
+        del ptq
     result.measure_s = time.perf_counter() - t0
 
     # 3. budget gate
@@ -171,22 +177,29 @@ def evaluate(
         return result
 
     # 4. KD fine-tune with fake-quant
-    student = comp.trainable(x)
+    with hold():
+        student = comp.trainable(x, list(task.calibration_batches()))
+        if comp.fp32_layers != result.fp32_layers:
+            _record_cost(result, comp, x)
+    history = result.history  # kept even when a report stops the fine-tune
+
+    def report(step: int, accuracy: float) -> None:
+        history.append((step, accuracy))
+        ctx.report(step, accuracy)  # may raise StopTrial
+
     t0 = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     try:
-        lock_ctx = ctx.lock.training() if ctx.lock is not None else _null()
-        with lock_ctx:
-            ft = finetune(
-                student,
-                task,
-                candidate,
-                cached_logits=ctx.cached_logits,
-                report=ctx.report,
-                eval_every=ctx.eval_every,
-                seed=ctx.seed,
-            )
-        result.history = ft.history
+        finetune(
+            student,
+            task,
+            candidate,
+            cached_logits=ctx.cached_logits,
+            report=report if ctx.report is not None else None,
+            eval_every=ctx.eval_every,
+            seed=ctx.seed,
+            guard=guard,
+        )
     except StopTrial:
         result.finetune_s = time.perf_counter() - t0
         result.state = State.PRUNED
@@ -195,21 +208,34 @@ def evaluate(
 
     # 5. accuracy of what would be deployed
     t0 = time.perf_counter()
-    lowered = lower(student)
-    if ctx.artifact_dir:  # before compiling: Inductor's freezing rewrites the module's constants
-        save_deployable(lowered, x, Path(ctx.artifact_dir) / "model.pt2")
+    with hold():
+        lowered = lower(student)
+        if ctx.artifact_dir:  # before compiling: Inductor's freezing rewrites the module's constants
+            save_deployable(lowered, x, Path(ctx.artifact_dir) / "model.pt2")
     # compiled, so that the int8 kernels run (uncompiled PT2E runs slow reference kernels)
-    result.accuracy, result.accuracy_se = task.evaluate(compile_cpu(lowered), fixed_batch=True)
+    result.accuracy, result.accuracy_se = task.evaluate(compile_cpu(lowered), fixed_batch=True, guard=guard)
     result.evaluate_s = time.perf_counter() - t0
     return result
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _record_cost(result: TrialResult, comp: Compressed, x: torch.Tensor) -> Cost:
+    """Static metrics and the per-layer plan of ``comp`` (at the bits it really gets) into ``result``."""
+    cost = model_cost(comp.pruned, x, comp.bits)
+    result.mmacs, result.bops, result.params, result.size_mb = (
+        cost.mmacs, cost.bops, cost.params, cost.size_mb
+    )
+    result.fp32_layers = dict(comp.fp32_layers)
+    result.layers = [
+        {
+            "layer": c.layer,
+            "bits": comp.bits.get(c.layer, 32),
+            "channels_before": c.before,
+            "channels_after": c.after,
+            "mmacs": cost.layer_macs.get(c.layer, 0.0) / 1e6,
+        }
+        for c in comp.prune_report.layers
+    ]
+    return cost
 
 
 def _bits_only(bits: dict[str, int]) -> Candidate:

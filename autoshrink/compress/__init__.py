@@ -6,14 +6,20 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from autoshrink.candidate import Candidate
 from autoshrink.compress.prune import PruneReport, prune_
-from autoshrink.compress.quantize import layer_bits, prepare_qat
+from autoshrink.compress.quantize import (
+    layer_bits,
+    prepare_qat,
+    quantized_weights,
+    unsupported_layers,
+)
 
 __all__ = ["Compressed", "apply", "compress"]
 
@@ -24,17 +30,49 @@ class Compressed:
 
     Attributes:
         pruned: the pruned fp32 model (eager; what MACs and size are measured on).
-        bits: weight bits per quantizable layer.
+        bits: weight bits per quantizable layer, as they will really be: a layer that cannot be
+            quantized is at 32 here whatever the candidate asked.
         prune_report: channel counts before/after, layers left unpruned and why.
+        fp32_layers: layers the candidate asked to quantize that stay fp32, and why.
     """
 
     pruned: nn.Module
     bits: dict[str, int]
     prune_report: PruneReport
+    fp32_layers: dict[str, str] = field(default_factory=dict)
 
-    def trainable(self, example_input: torch.Tensor) -> nn.Module:
-        """A fake-quant (QAT) copy of :attr:`pruned` at :attr:`bits`, ready for fine-tuning."""
-        return prepare_qat(copy.deepcopy(self.pruned), _bits_candidate(self.bits), example_input)
+    def trainable(
+        self, example_input: torch.Tensor, calibration: Iterable[torch.Tensor] | None = None
+    ) -> nn.Module:
+        """A fake-quant (QAT) copy of :attr:`pruned` at :attr:`bits`, ready for fine-tuning.
+
+        The prepared graph is checked against the plan: a layer the quantizer could not match
+        is moved to :attr:`fp32_layers` and its :attr:`bits` corrected (see :meth:`verify`).
+        """
+        prepared = prepare_qat(
+            copy.deepcopy(self.pruned), _bits_candidate(self.bits), example_input, calibration
+        )
+        self.verify(prepared)
+        return prepared
+
+    def verify(self, prepared: nn.Module) -> bool:
+        """Correct :attr:`bits` to what ``prepared`` (from :func:`prepare_qat` or ``prepare_ptq``
+        at :attr:`bits`) really quantizes. Returns True if anything changed."""
+        if not isinstance(prepared, torch.fx.GraphModule):
+            return False
+        actual = quantized_weights(prepared)
+        changed = False
+        for name, b in list(self.bits.items()):
+            got = actual.get(name, 32)
+            if b < 32 and got != b:
+                self.fp32_layers[name] = (
+                    "the quantizer found no weight to quantize for it in the exported graph "
+                    "(a weight computed in forward, or a layer called functionally); left fp32"
+                    if got == 32 else f"quantized at {got} bits, not {b}"
+                )
+                self.bits[name] = got
+                changed = True
+        return changed
 
 
 def _bits_candidate(bits: dict[str, int]) -> Candidate:
@@ -48,7 +86,9 @@ def compress(model: nn.Module, candidate: Candidate, example_input: torch.Tensor
     """
     pruned = copy.deepcopy(model).eval()
     report = prune_(pruned, candidate, example_input)
-    return Compressed(pruned=pruned, bits=layer_bits(pruned, candidate), prune_report=report)
+    fp32 = unsupported_layers(pruned, candidate)
+    bits = {n: 32 if n in fp32 else b for n, b in layer_bits(pruned, candidate).items()}
+    return Compressed(pruned=pruned, bits=bits, prune_report=report, fp32_layers=fp32)
 
 
 def apply(model: nn.Module, candidate: Candidate, example_input: torch.Tensor) -> nn.Module:

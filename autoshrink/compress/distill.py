@@ -6,11 +6,13 @@ with the teacher frozen. The T² factor keeps the gradient scale of the soft ter
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +126,7 @@ def finetune(
     eval_every: int = 0,
     eval_limit: int = 1000,
     seed: int = 0,
+    guard: Callable[[], AbstractContextManager] | None = None,
 ) -> FinetuneResult:
     """KD fine-tune ``student`` in place (a plain model or a fake-quant prepared one).
 
@@ -135,6 +138,8 @@ def finetune(
         report: called as ``report(step, accuracy)`` every ``eval_every`` steps with accuracy on
             the first ``eval_limit`` validation samples; it may raise :class:`StopTrial`.
         seed: seeds data order.
+        guard: a context-manager factory held around each step and each evaluation (the
+            machine lock's shared side, so latency timing elsewhere can cut in between steps).
 
     Raises:
         FloatingPointError: if the loss becomes NaN or infinite.
@@ -166,6 +171,7 @@ def finetune(
             return DataLoader(data, batch_size=candidate.batch_size, shuffle=True, generator=gen,
                               drop_last=len(data) > candidate.batch_size)
 
+    hold = guard or contextlib.nullcontext
     start = time.perf_counter()
     set_train(student)
     step, epoch = 0, 0
@@ -179,21 +185,22 @@ def finetune(
                 x, y = batch[0], batch[1]
                 with torch.no_grad():
                     t_logits = teacher(x)
-            loss = kd_loss(student(x), t_logits, y, candidate.kd_temperature, candidate.kd_alpha)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"fine-tune loss became {loss_value} at step {step} (lr={candidate.lr:g}); "
-                    "try a lower learning rate"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            with hold():
+                loss = kd_loss(student(x), t_logits, y, candidate.kd_temperature, candidate.kd_alpha)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"fine-tune loss became {loss_value} at step {step} (lr={candidate.lr:g}); "
+                        "try a lower learning rate"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
             step += 1
             if report is not None and eval_every and step % eval_every == 0 and step < steps:
                 set_eval(student)
-                acc, _ = task.evaluate(student, limit=eval_limit)
+                acc, _ = task.evaluate(student, limit=eval_limit, guard=guard)
                 result.history.append((step, acc))
                 set_train(student)
                 report(step, acc)  # may raise StopTrial

@@ -7,6 +7,11 @@ result is a smaller dense model, not a masked one.
 A layer's ratio is the fraction of its *output* channels removed. When layers are coupled (all
 convolutions feeding one residual add, say) torch-pruning removes the same channels from all of
 them, with the ratio of the group's first layer; :class:`PruneReport` says what really happened.
+
+``round_to`` rounds the kept channels down to a multiple of it, and never to zero: a ratio that
+would keep fewer than ``round_to`` channels keeps ``round_to``. Layers whose channels come in
+groups are rounded per group: a grouped convolution per group, an attention ``qkv`` projection
+per head dimension (its width is ``3 * num_heads * head_dim`` and only ``head_dim`` shrinks).
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 @dataclass(frozen=True)
 class LayerChange:
-    """Output channels of one layer before and after pruning."""
+    """Output channels of one layer before and after pruning.
+
+    ``coupled`` names the other layers whose output channels are pruned together with this
+    one (one dependency group: one ratio, the same channels removed); ``channel_groups`` is
+    how many equal groups its channels form (heads x q/k/v for attention, ``groups`` for a
+    grouped conv), so its channel count changes in steps of ``channel_groups * round_to``.
+    """
 
     layer: str
     requested: float
     before: int
     after: int
+    coupled: tuple[str, ...] = ()
+    channel_groups: int = 1
 
     @property
     def achieved(self) -> float:
@@ -58,6 +71,7 @@ class PruneReport:
                     "requested": c.requested,
                     "channels_before": c.before,
                     "channels_after": c.after,
+                    "coupled": list(c.coupled),
                 }
                 for c in self.layers
             ],
@@ -152,37 +166,129 @@ def prune_(
 
     ratios = {m: candidate.prune_for(n) for n, m in layers.items()}
     report = PruneReport(params_before=params_before)
+    heads = _attention_heads(model)
+    groups = {m: _channel_groups(m, heads) for m in layers.values()}
+    coupled: dict[str, tuple[str, ...]] = {}
     if any(r > 0 for r in ratios.values()):
-        heads = _attention_heads(model)
         kwargs = {}
         if heads:
             kwargs = {"num_heads": heads, "prune_num_heads": False, "prune_head_dims": True}
+        asked = {
+            m: _keep_at_least_one_step(_out_channels(m), groups[m], r, candidate.round_to)
+            for m, r in ratios.items()
+            if r > 0
+        }
         pruner = tp.pruner.MetaPruner(
             model,
             example_input,
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             pruning_ratio=0.0,
-            pruning_ratio_dict={m: r for m, r in ratios.items() if r > 0},
+            pruning_ratio_dict=asked,
             ignored_layers=ignored_modules,
             round_to=candidate.round_to,
             **kwargs,
         )
+        coupled = _coupled_layers(pruner, layers)
         pruner.step()
         if heads:
             _update_attention(model, heads)
     for name, m in layers.items():
         req = ratios[m]
         after = _out_channels(m)
-        report.layers.append(LayerChange(name, req, before[name], after))
+        others = tuple(n for n in coupled.get(name, (name,)) if n != name)
+        report.layers.append(LayerChange(name, req, before[name], after, others, groups[m]))
         if req > 0 and after == before[name]:
-            report.skipped[name] = _why_not_pruned(before[name], req, candidate.round_to)
+            report.skipped[name] = _why_not_pruned(
+                before[name], req, candidate.round_to, groups[m],
+                None if name not in coupled else {n: candidate.prune_for(n) for n in others},
+            )
     report.params_after = sum(p.numel() for p in model.parameters())
+    _check_forward(model, example_input, report)
     return report
 
 
-def _why_not_pruned(channels: int, ratio: float, round_to: int | None) -> str:
-    if math.floor(channels * ratio) == 0:
-        return f"{ratio:.2f} of {channels} channels rounds to zero"
-    if round_to and channels <= round_to:
-        return f"only {channels} channels, round_to={round_to}"
-    return "coupled to a layer that is kept whole (input, head, or an ignored layer)"
+def _channel_groups(m: nn.Module, heads: dict[nn.Module, int]) -> int:
+    """Equal groups a layer's output channels form; pruning removes the same channels in each."""
+    if m in heads:
+        return 3 * heads[m]  # q, k and v of every head
+    groups = getattr(m, "groups", 1)
+    if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d) and 1 < groups < m.out_channels:
+        return groups
+    return 1  # a depthwise conv follows its input's channels one to one
+
+
+def _keep_at_least_one_step(channels: int, groups: int, ratio: float, round_to: int | None) -> float:
+    """The ratio to hand torch-pruning so that ``ratio`` never removes a whole layer.
+
+    torch-pruning keeps ``int(per_group * (1 - ratio))`` channels per group, rounded down to a
+    multiple of ``round_to``; when that is zero it prunes nothing at all. Asking instead for the
+    smallest non-empty width (``round_to`` channels per group, or one) is closer to the request.
+    """
+    per_group = channels // max(groups, 1)
+    step = round_to or 1
+    if per_group <= step or (groups > 1 and per_group % step):
+        # too few channels to shrink by a step, or groups torch-pruning cannot round evenly:
+        # its own decision stands (and is reported if the layer stays whole)
+        return ratio
+    keep = int(per_group * (1.0 - ratio))
+    if keep - keep % step > 0:
+        return ratio
+    return 1.0 - (step + 0.5) / per_group  # keeps exactly `step` per group
+
+
+def _coupled_layers(pruner, layers: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
+    """For each prunable layer, the prunable layers whose output channels share its group
+    (itself included). Layers in no group are coupled to something kept whole."""
+    names = {m: n for n, m in layers.items()}
+    out: dict[str, tuple[str, ...]] = {}
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        members = tuple(dict.fromkeys(
+            names[dep.target.module]
+            for dep, _ in group
+            if dep.target.module in names and pruner.DG.is_out_channel_pruning_fn(dep.handler)
+        ))
+        for n in members:
+            out.setdefault(n, members)
+    return out
+
+
+def _why_not_pruned(
+    channels: int,
+    ratio: float,
+    round_to: int | None,
+    groups: int = 1,
+    others: dict[str, float] | None = None,
+) -> str:
+    per_group = channels // max(groups, 1)
+    where = f" per group of {groups}" if groups > 1 else ""
+    if others is None:
+        return "coupled to a layer that is kept whole (the input, the head, or an ignored layer)"
+    if math.floor(per_group * ratio) == 0:
+        return f"{ratio:.2f} of {per_group} channels{where} rounds to zero"
+    if round_to and per_group <= round_to:
+        return f"only {per_group} channels{where}, round_to={round_to}"
+    if round_to and groups > 1 and per_group % round_to:
+        return f"{per_group} channels{where} is not a multiple of round_to={round_to}"
+    if others:
+        shown = ", ".join(f"{n}: {r:.2f}" for n, r in list(others.items())[:3])
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        return (f"pruned together with {len(others)} coupled layer(s) ({shown}{more}); "
+                "one of their ratios applies to the whole group")
+    return "torch-pruning left the layer's group whole"
+
+
+def _check_forward(model: nn.Module, example_input: torch.Tensor, report: PruneReport) -> None:
+    """A pruned model must still run: shapes hard-coded in ``forward`` (a reshape to a fixed
+    width, say) break when channels go, and the error should say which layers changed."""
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except Exception as exc:  # the user's forward: any error means pruning broke it
+        changed = [c.layer for c in report.layers if c.after != c.before][:5]
+        raise RuntimeError(
+            f"the pruned model no longer runs ({type(exc).__name__}: {exc}); pruned layers "
+            f"include {changed}. Give those layers prune 0 in the candidate, or compute shapes "
+            "in forward() from the tensors (or, for attention, from num_heads/head_dim)"
+        ) from exc

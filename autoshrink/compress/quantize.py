@@ -36,16 +36,75 @@ __all__ = [
     "prepare_ptq",
     "prepare_qat",
     "quantizable_layers",
+    "quantized_weights",
     "set_eval",
     "set_train",
+    "unsupported_layers",
 ]
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
+# layers with weights that the x86 PT2E quantizer has no int8 pattern for: they stay fp32
+_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag)
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the layers that take a per-layer bit-width (Conv2d and Linear)."""
     return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+def unsupported_layers(model: nn.Module, candidate: Candidate) -> dict[str, str]:
+    """Layers the candidate asks to quantize that can only stay fp32, and why.
+
+    Conv1d/Conv3d, transposed convs, embeddings and ``nn.MultiheadAttention`` (whose projections
+    run as functional calls the quantizer cannot name) have no int8 lowering here; they are
+    left fp32, counted at 32 bits in size and BOPs, and the run goes on.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> unsupported_layers(m, Candidate.uniform(bits=8))
+        {'0': 'Conv1d has no int8 lowering on x86 (Conv2d and Linear do); left fp32'}
+    """
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _UNSUPPORTED) and candidate.bits_for(name) < 32:
+            out[name] = f"{type(m).__name__} has no int8 lowering on x86 (Conv2d and Linear do); left fp32"
+        elif isinstance(m, QUANTIZABLE) and _inside(name, out) and candidate.bits_for(name) < 32:
+            out[name] = f"runs inside {_inside(name, out)}, which stays fp32"
+    return out
+
+
+def _inside(name: str, parents: dict[str, str]) -> str | None:
+    return next((p for p in parents if name.startswith(p + ".")), None)
+
+
+def quantized_weights(prepared: nn.Module) -> dict[str, int]:
+    """Layers whose weight really carries a fake-quant/observer in a prepared model, and at what
+    bits (4 when the weight range is [-8, 7], else 8). An eager model has none.
+
+    Read from the graph, so it is the truth about what :func:`lower` will quantize, whatever the
+    plan said: a Conv2d or Linear that the quantizer could not match (a weight computed in
+    ``forward``, a layer called through ``F.linear``) is absent.
+    """
+    if not isinstance(prepared, torch.fx.GraphModule):
+        return {}
+    weight_ops = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
+    found: dict[str, int] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target not in weight_ops or len(node.args) < 2:
+            continue
+        weight = node.args[1]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "call_module"):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            continue
+        layer = list(stack.values())[-1][0]
+        observer = prepared.get_submodule(weight.target)
+        found[layer] = 4 if getattr(observer, "quant_min", None) == -8 else 8
+    return found
 
 
 def layer_bits(model: nn.Module, candidate: Candidate) -> dict[str, int]:
@@ -101,10 +160,93 @@ def _split_reused_activations(gm: torch.fx.GraphModule) -> None:
                 node.meta["source_fn_stack"] = [(f"{fqn}__call{i}", kind)]
 
 
+def _memoize_pattern_exports() -> None:
+    """Export each of torchao's fixed rewrite patterns once per process, not once per call.
+
+    PT2E rewrites graphs by matching small pattern functions (conv-BN for QAT, its folded form
+    at convert, BatchNorm/dropout train<->eval), and torchao ``torch.export``\ s every pattern
+    afresh each time: ~100 exports (tens of seconds) per :func:`lower` of a QAT model, ~20 per
+    :func:`prepare_qat` and a few per :func:`set_eval`. A pattern depends only on its code, the
+    values its closure captured (bools, a conv function) and the input shapes, so the exported
+    graph is cached under those and handed out as a copy (the rewriter reads it, never keeps it).
+    Anything else (a closure over a tensor, an unknown layout) is exported as before.
+    """
+    global _PATTERNS_MEMOIZED
+    if _PATTERNS_MEMOIZED:
+        return
+    _PATTERNS_MEMOIZED = True
+    import importlib
+
+    try:
+        utils = importlib.import_module("torchao.quantization.pt2e.utils")
+        original = utils._get_aten_graph_module_for_pattern
+    except (ImportError, AttributeError):  # another torchao layout: nothing to speed up
+        return
+    cache: dict[tuple, torch.fx.GraphModule] = {}
+
+    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in cache:
+            cache[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(cache[key])
+
+    # the helpers import the function by name, so each importing module gets the wrapper too
+    for name in ("utils", "qat_utils", "export_utils", "reference_representation_rewrite"):
+        try:
+            mod = importlib.import_module(f"torchao.quantization.pt2e.{name}")
+        except ImportError:
+            continue
+        if getattr(mod, "_get_aten_graph_module_for_pattern", None) is original:
+            mod._get_aten_graph_module_for_pattern = cached
+    utils._get_aten_graph_module_for_pattern = cached
+
+
+_PATTERNS_MEMOIZED = False
+
+
+def _pattern_key(pattern, example_inputs, is_cuda, kwargs) -> tuple | None:
+    fn = getattr(pattern, "fn", pattern) if isinstance(pattern, nn.Module) else pattern
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+
+    def sig(v):
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), v.dtype, v.device.type)
+        if v is None or isinstance(v, (bool, int, float, str)) or callable(v):
+            return v
+        raise TypeError
+
+    try:
+        cells = tuple(sig(c.cell_contents) for c in fn.__closure__ or ())
+        key = (code, cells, tuple(sig(d) for d in fn.__defaults__ or ()),
+               tuple(sig(x) for x in example_inputs), bool(is_cuda),
+               tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
 def _quantizer(bits: dict[str, int], is_qat: bool):
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     base = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    if is_qat:
+        # The default QAT weight fake-quant (FusedMovingAvgObsFakeQuantize) trains with a scale
+        # of amax / (n/2 - 1) but convert_pt2e recomputes it from its observer as amax / (n/2):
+        # 0.4 % apart at 8 bits, 7 % at 4 bits, enough to cost points after lowering. The
+        # unfused FakeQuantize stores exactly what its observer computes, so the deployed model
+        # matches the one fine-tuning saw.
+        from torchao.quantization.pt2e import FakeQuantize, MovingAveragePerChannelMinMaxObserver
+
+        base = dataclasses.replace(base, weight=dataclasses.replace(
+            base.weight,
+            observer_or_fake_quant_ctr=FakeQuantize.with_args(
+                observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12),
+        ))
     four = dataclasses.replace(
         base, weight=dataclasses.replace(base.weight, quant_min=-8, quant_max=7)
     )
@@ -119,8 +261,17 @@ def _quantized(bits: dict[str, int]) -> bool:
     return any(b < 32 for b in bits.values())
 
 
-def prepare_qat(model: nn.Module, candidate: Candidate, example_input: torch.Tensor) -> nn.Module:
+def prepare_qat(
+    model: nn.Module,
+    candidate: Candidate,
+    example_input: torch.Tensor,
+    calibration: Iterable[torch.Tensor] | None = None,
+) -> nn.Module:
     """A trainable copy of ``model`` with fake-quant at each layer's bit-width.
+
+    The fake-quant ranges are initialised on ``calibration`` batches (default: the example
+    input) with BatchNorm in eval mode, so the prepared model is usable before any training
+    step (a zero-step fine-tune, an early evaluation) and BatchNorm statistics are untouched.
 
     Returns the model itself (in train mode) when every layer stays at 32 bits.
     """
@@ -128,6 +279,8 @@ def prepare_qat(model: nn.Module, candidate: Candidate, example_input: torch.Ten
     if not _quantized(bits):
         return model.train()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    _memoize_pattern_exports()
 
     # PT2E's QAT conv-BN fusion assumes every conv it fuses is annotated; fp32 convs are not, so
     # their BatchNorm is folded into them first (exact in eval; they then fine-tune without BN).
@@ -137,6 +290,13 @@ def prepare_qat(model: nn.Module, candidate: Candidate, example_input: torch.Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_qat_pt2e(gm, _quantizer(bits, is_qat=True))
+    from torchao.quantization.pt2e import enable_observer
+
+    set_eval(prepared)
+    prepared.apply(enable_observer)
+    with torch.no_grad():
+        for x in calibration if calibration is not None else [example_input]:
+            prepared(x)
     set_train(prepared)
     return prepared
 
@@ -200,6 +360,8 @@ def prepare_ptq(
         return model
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+    _memoize_pattern_exports()
+
     gm = export_model(model, example_input)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -215,6 +377,7 @@ def set_train(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.fx.GraphModule):
         from torchao.quantization.pt2e import enable_observer, move_exported_model_to_train
 
+        _memoize_pattern_exports()
         move_exported_model_to_train(model)
         model.apply(enable_observer)
     else:
@@ -228,6 +391,7 @@ def set_eval(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.fx.GraphModule):
         from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
 
+        _memoize_pattern_exports()
         move_exported_model_to_eval(model)
         model.apply(disable_observer)
     else:
@@ -244,6 +408,7 @@ def lower(prepared: nn.Module) -> nn.Module:
         return set_eval(prepared)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    _memoize_pattern_exports()
     gm = copy.deepcopy(prepared)
     set_eval(gm)
     with warnings.catch_warnings():

@@ -7,13 +7,19 @@
   times. Trainers hold a shared lock and the timer an exclusive one (``flock``, so it also
   works across processes, Ray workers and concurrent searches); a turnstile lock gives the
   timer priority, so a busy machine cannot starve it.
+- **on the target**: in a Ray cluster, the node that stands for the deployment hardware offers a
+  custom resource (``ray start --resources '{"latency_target": 1}'``); a :class:`LatencyMeter`
+  actor pinned there times every trial's lowered model, sent as ``torch.export`` program bytes
+  (:func:`program_bytes`), under that node's own machine lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Latency", "MachineLock", "measure_latency"]
+__all__ = ["Latency", "LatencyMeter", "MachineLock", "measure_latency", "program_bytes"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,11 @@ class MachineLock:
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        """Shared: trainers run together, but wait while someone is timing."""
+        """Shared: trainers run together, but wait while someone is timing.
+
+        Hold it for one step of work at a time (a training step, an evaluation batch, a
+        compilation), not for a whole fine-tune: a waiting timer gets in between two steps.
+        """
         with self._flock(self._turnstile, fcntl.LOCK_EX):
             pass  # a waiting timer holds the turnstile: new trainers queue behind it
         with self._flock(self._rw, fcntl.LOCK_SH):
@@ -98,7 +108,7 @@ def measure_latency(
         fn: the deployable model (e.g. the output of :func:`autoshrink.compress.quantize.compile_cpu`).
         example_input: an input; only its first sample is used (batch 1).
         runs: timed calls (at least 50 is the project's rule for reported figures).
-        warmup: untimed calls first; the first one also triggers compilation, outside the lock.
+        warmup: untimed calls first (after one call that triggers compilation).
         threads: torch intra-op threads while timing.
         lock: the machine lock; timing happens inside ``lock.measuring()``.
 
@@ -111,9 +121,11 @@ def measure_latency(
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     x = example_input[:1].contiguous()
     with _threads(threads), torch.inference_mode():
-        fn(x)  # compile / first-call work, outside the lock
-        ctx = lock.measuring() if lock is not None else contextlib.nullcontext()
-        with ctx:
+        # compilation is heavy work: done under the shared lock, like training, so it never
+        # disturbs another trial's timing; the timing itself then takes the lock exclusively
+        with lock.training() if lock is not None else contextlib.nullcontext():
+            fn(x)
+        with lock.measuring() if lock is not None else contextlib.nullcontext():
             for _ in range(warmup):
                 fn(x)
             times = []
@@ -123,3 +135,67 @@ def measure_latency(
                 times.append((time.perf_counter() - start) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Latency(statistics.median(times), q[0], q[2], runs, threads)
+
+
+def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor) -> bytes:
+    """The lowered model as ``torch.export`` program bytes at batch 1, to time it elsewhere.
+
+    Example:
+        >>> data = program_bytes(torch.nn.Linear(8, 8).eval(), torch.randn(1, 8))
+        >>> LatencyMeter().measure(data, torch.randn(1, 8), runs=5).median_ms > 0   # doctest: +SKIP
+        True
+    """
+    buf = io.BytesIO()
+    ep = torch.export.export(lowered, (example_input[:1].contiguous(),), strict=False)
+    torch.export.save(ep, buf)
+    return buf.getvalue()
+
+
+class LatencyMeter:
+    """Times lowered models on the machine it runs on (a Ray actor on the latency target).
+
+    Each :meth:`measure` loads a ``torch.export`` program, compiles it exactly as a local trial
+    would (Inductor with freezing, int8 kernels) and times it with :func:`measure_latency`
+    inside this machine's :class:`MachineLock`, so trainers on the same node pause meanwhile.
+
+    Args:
+        lock_dir: the machine lock's folder (default as :class:`MachineLock`).
+    """
+
+    def __init__(self, lock_dir: str | os.PathLike | None = None) -> None:
+        from autoshrink import _env
+
+        _env.configure()
+        self._lock = MachineLock(lock_dir)
+        self.measured = 0
+
+    def where(self) -> dict:
+        """The host this meter times on (and its Ray node, when it runs in Ray)."""
+        out = {"host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            import ray
+
+            if ray.is_initialized():
+                out["node_id"] = ray.get_runtime_context().get_node_id()
+        except ImportError:  # pragma: no cover - ray is a dependency, but not of this module
+            pass
+        return out
+
+    def measure(self, program: bytes, example_input: torch.Tensor, runs: int = 60,
+                threads: int = 1) -> Latency:
+        """Median batch-1 latency of the program in ``program`` (see :func:`program_bytes`)."""
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the int8 ops to load)
+
+        from autoshrink.compress.quantize import compile_cpu
+
+        model = compile_cpu(torch.export.load(io.BytesIO(program)).module())
+        try:
+            return measure_latency(model, example_input, runs=runs, threads=threads, lock=self._lock)
+        finally:
+            self.measured += 1
+            del model
+            torch._dynamo.reset()  # a long-lived meter compiles many graphs: free them
+
+    def count(self) -> int:
+        """How many models this meter has timed."""
+        return self.measured

@@ -35,6 +35,9 @@ def get(name: str = "digits", **kwargs) -> Task:
         name: one of :func:`list_tasks`.
         **kwargs: passed to the task's builder (e.g. ``progress=False``, ``epochs=3``).
 
+    ``"cifar10"`` is accepted too, with ``data="cifar10:DIR"`` (your copy of the CIFAR-10 python
+    batches; a teacher is trained on first use).
+
     Raises:
         ValueError: for an unknown name, listing the known ones.
 
@@ -46,11 +49,24 @@ def get(name: str = "digits", **kwargs) -> Task:
 
 
 def _builder(name: str) -> Callable[..., Task]:
+    if name == "cifar10":  # needs your copy of the data, so it is not listed with the others
+        return _cifar10
     if name in _DIGITS:
         from autoshrink.tasks.digits import digits_task
 
         model = _DIGITS[name]
         return lambda **kw: digits_task(model, **kw)
-    close = difflib.get_close_matches(name, list_tasks(), n=1)
+    close = difflib.get_close_matches(name, [*list_tasks(), "cifar10"], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown task {name!r}; built-in tasks: {list_tasks()}.{hint}")
+
+
+def _cifar10(data: str | None = None, **kwargs) -> Task:
+    """``get("cifar10", data="cifar10:DIR")``: see :func:`autoshrink.tasks.custom.cifar10_task`."""
+    from autoshrink.task import TaskError
+    from autoshrink.tasks.custom import cifar10_task
+
+    if data is None:
+        raise TaskError("task 'cifar10' needs its data: --data cifar10:DIR (the CIFAR-10 python "
+                        "batches; nothing is downloaded)")
+    return cifar10_task(data.removeprefix("cifar10:"), **kwargs)

@@ -113,8 +113,10 @@ def train_teacher(
     lr: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    label: str = "training the digits teacher (first use only; cached)",
 ) -> nn.Module:
-    """Train ``model`` from scratch on the digits training set (SGD + one-cycle schedule)."""
+    """Train ``model`` from scratch on ``data.train`` (SGD + one-cycle schedule); ``label``
+    names the progress bar."""
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
@@ -123,7 +125,7 @@ def train_teacher(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
     model.train()
-    bar = _progress(progress, steps, "training the digits teacher (first use only; cached)")
+    bar = _progress(progress, steps, label)
     try:
         for _ in range(epochs):
             for x, y in loader:

@@ -20,7 +20,7 @@ def test_kd_loss_matches_hand_computation():
     pt = [math.exp(v / T) for v in t[0].tolist()]
     ps = [p / sum(ps) for p in ps]
     pt = [p / sum(pt) for p in pt]
-    kl = sum(q * math.log(q / p) for p, q in zip(ps, pt))  # KL(teacher || student)
+    kl = sum(q * math.log(q / p) for p, q in zip(ps, pt, strict=True))  # KL(teacher || student)
     logits = s[0].tolist()
     ce = -logits[0] + math.log(sum(math.exp(v) for v in logits))
     expected = alpha * T * T * kl + (1 - alpha) * ce

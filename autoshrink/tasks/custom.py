@@ -1,0 +1,409 @@
+"""Tasks from your own model and data (the command line's ``--model/--checkpoint/--data``).
+
+``--model pkg.module:factory`` imports exactly ``pkg.module`` (looked up on ``sys.path``, then in
+the current folder) and calls ``factory()`` (with ``num_classes=`` when ``--num-classes`` is
+given); ``--checkpoint FILE`` is loaded into it with ``torch.load(weights_only=True)``, so a
+checkpoint can hold tensors only and never runs code. ``--data`` is read by
+:mod:`autoshrink.data` at the model's input size and channels.
+
+``--task cifar10 --data cifar10:DIR`` with no ``--model`` trains a ``resnet20`` teacher on first
+use (a short schedule) and caches it under the cache folder, keyed by a hash of the data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import inspect
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from autoshrink.data import SCHEMES, ImageData, load_data, read_cifar10
+from autoshrink.task import Task, TaskError
+
+__all__ = [
+    "build_model",
+    "cifar10_task",
+    "custom_task",
+    "load_checkpoint",
+    "load_factory",
+    "model_input_spec",
+    "task_from_cli",
+]
+
+CIFAR10_TEACHER = "resnet20"
+CIFAR10_EPOCHS = 4  # ~85 % is not the point: a sound teacher in minutes on a laptop CPU
+
+
+def task_from_cli(
+    model: str | None,
+    checkpoint: str | None,
+    data: str | None,
+    task: str | None,
+    num_classes: int | None,
+) -> Task:
+    """Build the task the command line describes.
+
+    Args:
+        model: ``pkg.module:factory`` or None.
+        checkpoint: a state_dict file for ``model`` (``torch.save(model.state_dict(), path)``).
+        data: ``imagefolder:DIR`` or ``cifar10:DIR``.
+        task: ``cifar10`` (a teacher trained here when no ``model`` is given) or a name for
+            your task in reports.
+        num_classes: passed to the factory as ``num_classes=``.
+
+    Raises:
+        TaskError: with a one-line reason naming the file or argument at fault.
+
+    Example:
+        >>> task = task_from_cli("mynet:build", "mynet.pt", "imagefolder:photos", None, None)  # doctest: +SKIP
+    """
+    if data is not None:
+        _check_scheme(data)
+    scheme, _, path = (data or "").partition(":")
+    if model is None:
+        if checkpoint is not None:
+            raise TaskError("--checkpoint needs --model pkg.module:factory (the architecture to "
+                            "load it into)")
+        if task == "cifar10" or (task is None and scheme == "cifar10"):
+            if data is None:
+                raise TaskError("--task cifar10 needs --data cifar10:DIR (the CIFAR-10 python "
+                                "batches; nothing is downloaded)")
+            if scheme != "cifar10":
+                raise TaskError(f"--task cifar10 reads cifar10:DIR data, got --data {data!r}")
+            if num_classes not in (None, 10):
+                raise TaskError(f"--num-classes {num_classes}: CIFAR-10 has 10 classes")
+            return cifar10_task(path)
+        raise TaskError(f"--data {data!r} needs --model pkg.module:factory (and --checkpoint) to "
+                        "compress; only --task cifar10 trains a teacher of its own")
+    if data is None:
+        raise TaskError("--model needs --data imagefolder:DIR or cifar10:DIR (the data to "
+                        "fine-tune and validate on)")
+    net = build_model(model, num_classes)
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint, model=model)
+    name = task or model.partition(":")[2] or "custom"
+    return custom_task(net, data, name=name, source=model)
+
+
+def _check_scheme(data: str) -> None:
+    scheme, sep, path = data.partition(":")
+    if not sep or scheme not in SCHEMES or not path:
+        load_data(data)  # raises the one-line error for this spec
+
+
+# -- model ------------------------------------------------------------------------------------------
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """Import ``pkg.module`` and return its ``factory`` attribute, for ``spec = "pkg.module:factory"``.
+
+    The module is imported by name with :func:`importlib.import_module` (no ``eval``); if it is
+    not importable from ``sys.path``, the current folder is tried too. A module from outside the
+    installed packages is marked to travel by value to Ray workers, which may not see its file.
+
+    Raises:
+        TaskError: malformed spec, module not importable, no such attribute, not callable.
+
+    Example:
+        >>> load_factory("autoshrink.models:create").__name__
+        'create'
+    """
+    module_name, sep, attr = spec.partition(":")
+    parts = module_name.split(".")
+    if not sep or not all(p.isidentifier() for p in parts) or not all(
+        a.isidentifier() for a in attr.split(".")
+    ):
+        raise TaskError(f"--model {spec!r}: expected pkg.module:factory, e.g. mynets.small:build")
+    module = _import(module_name, spec)
+    obj = module
+    for a in attr.split("."):
+        if not hasattr(obj, a):
+            names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+            close = difflib.get_close_matches(attr, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" It defines: {names[:8]}"
+            raise TaskError(f"--model {spec!r}: module {module_name!r} ({module.__file__}) has no "
+                            f"{attr!r}.{hint}")
+        obj = getattr(obj, a)
+    if not callable(obj):
+        raise TaskError(f"--model {spec!r}: {attr!r} is a {type(obj).__name__}, not a factory function")
+    _ship_by_value(module)
+    return obj
+
+
+def _import(module_name: str, spec: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        missing_is_ours = exc.name is not None and module_name.startswith(exc.name)
+        if not missing_is_ours or here in sys.path:
+            raise TaskError(f"--model {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        sys.path.insert(0, here)  # like `python -m`: your own modules next to where you run it
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as again:
+            sys.path.remove(here)
+            raise TaskError(
+                f"--model {spec!r}: cannot import {module_name!r} ({again}); run from the folder "
+                "that contains it, or install it"
+            ) from again
+        except Exception as err:  # the user's module failed while importing
+            raise TaskError(f"--model {spec!r}: importing {module_name!r} failed: "
+                            f"{type(err).__name__}: {err}") from err
+    except Exception as exc:  # the user's module failed while importing
+        raise TaskError(f"--model {spec!r}: importing {module_name!r} failed: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+
+def _ship_by_value(module) -> None:
+    """Ray workers unpickle the teacher by importing its class's module; a module that lives in
+    the user's folder (not installed) may not be importable there, so send its code along."""
+    path = getattr(module, "__file__", None)
+    if not path or "site-packages" in path or "dist-packages" in path:
+        return
+    try:
+        import cloudpickle
+    except ImportError:  # pragma: no cover - comes with ray
+        return
+    top = sys.modules[module.__name__.split(".")[0]]
+    try:
+        cloudpickle.register_pickle_by_value(top)
+    except ValueError:  # already registered
+        pass
+
+
+def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
+    """Call the factory named by ``spec`` (see :func:`load_factory`), with ``num_classes`` if given.
+
+    Raises:
+        TaskError: factory not found, takes no ``num_classes``, fails, or returns no nn.Module.
+
+    Example:
+        >>> build_model("autoshrink.models.resnet:resnet20", num_classes=3).fc.out_features
+        3
+    """
+    factory = load_factory(spec)
+    kwargs = {}
+    if num_classes is not None:
+        if not _accepts(factory, "num_classes"):
+            raise TaskError(f"--num-classes {num_classes}: {spec} takes no num_classes argument")
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's factory
+        raise TaskError(f"--model {spec!r}: calling it failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # cannot tell (a builtin): let the call decide
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def load_checkpoint(net: nn.Module, path: str | os.PathLike, *, model: str | None = None) -> nn.Module:
+    """Load a state_dict file into ``net`` with ``torch.load(weights_only=True)``.
+
+    Accepts a raw state_dict, or a dict holding one under ``"state_dict"`` or ``"model"``; a
+    ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix on every key is dropped.
+
+    Args:
+        net: the freshly built model.
+        path: the checkpoint file.
+        model: the ``--model`` spec, named in errors.
+
+    Raises:
+        TaskError: missing file, unreadable or non-tensor content, or a checkpoint for another
+            architecture (naming the first missing/unexpected keys and mismatching shapes).
+
+    Example:
+        >>> load_checkpoint(net, "mynet.pt", model="mynet:build")  # doctest: +SKIP
+    """
+    import pickle
+
+    p = Path(path)
+    what = f"--checkpoint {p}"
+    if not p.is_file():
+        raise TaskError(f"{what}: no such file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskError(f"{what}: cannot be loaded with weights_only=True ({first}); save "
+                        "model.state_dict() with torch.save instead of the whole model") from exc
+    except Exception as exc:  # torch raises many types for damaged files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TaskError(f"{what}: not a readable torch checkpoint ({type(exc).__name__}: "
+                        f"{first[:200]})") from exc
+    state = _state_dict_of(obj, what)
+    _check_fits(net, state, what, model)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def _state_dict_of(obj, what: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        keys = list(obj)[:5] if isinstance(obj, Mapping) else []
+        raise TaskError(f"{what}: expected a state_dict (names -> tensors), or a dict with one "
+                        f"under 'state_dict' or 'model'; got a {type(obj).__name__}"
+                        + (f" with keys {keys}" if keys else ""))
+    state = dict(obj)
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _check_fits(net: nn.Module, state: dict[str, torch.Tensor], what: str, spec: str | None) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        k, theirs, ours = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        parts.append(f"{k!r} is {theirs} in the checkpoint but {ours} in the model{more}")
+    if missing:
+        parts.append(f"missing {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:3]}"
+                     + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+    hint = ""
+    if shapes and not missing and not unexpected and all(t[1:] == o[1:] for _, t, o in shapes):
+        hint = f"; a different --num-classes (the checkpoint has {shapes[0][1][0]})?"
+    target = f"--model {spec}" if spec else type(net).__name__
+    raise TaskError(f"{what} is for another architecture than {target}: " + "; ".join(parts) + hint)
+
+
+def model_input_spec(model: nn.Module) -> tuple[int, tuple[int, int]]:
+    """The model's input channels and ``(height, width)``.
+
+    From ``default_cfg``/``pretrained_cfg["input_size"]`` (zoo and timm models) when present;
+    otherwise channels from an ``in_chans`` attribute or the first Conv2d, and size from an
+    ``img_size``/``input_size`` attribute, else 32x32.
+
+    Example:
+        >>> from autoshrink import models
+        >>> model_input_spec(models.create("resnet20", in_chans=3))
+        (3, (32, 32))
+    """
+    for attr in ("default_cfg", "pretrained_cfg"):
+        cfg = getattr(model, attr, None)
+        size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+        if isinstance(size, tuple | list) and len(size) == 3:
+            return int(size[0]), (int(size[1]), int(size[2]))
+    chans = getattr(model, "in_chans", None)
+    if not isinstance(chans, int):
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        chans = first.in_channels if first is not None else 3
+    hw = (32, 32)
+    for attr in ("img_size", "input_size"):
+        v = getattr(model, attr, None)
+        if isinstance(v, int):
+            hw = (v, v)
+            break
+        if isinstance(v, tuple | list) and len(v) in (2, 3) and all(isinstance(i, int) for i in v):
+            hw = (int(v[-2]), int(v[-1]))
+            break
+    return chans, hw
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+def custom_task(model: nn.Module, data: str | ImageData, *, name: str = "custom",
+                source: str | None = None) -> Task:
+    """A task from a trained model and ``imagefolder:DIR`` / ``cifar10:DIR`` data.
+
+    Raises:
+        TaskError: the data cannot be read, or the model's outputs do not match its classes.
+
+    Example:
+        >>> task = custom_task(my_model, "imagefolder:photos")  # doctest: +SKIP
+    """
+    chans, size = model_input_spec(model)
+    images = data if isinstance(data, ImageData) else load_data(data, in_chans=chans, size=size)
+    example = images.val[0][0].unsqueeze(0)
+    task = Task(model=model.eval(), train_data=images.train, val_data=images.val,
+                example_input=example, name=name,
+                description=f"{images.description}; teacher {source or type(model).__name__}")
+    if task.num_classes != len(images.classes):
+        shown = images.classes[:5] + (["..."] if len(images.classes) > 5 else [])
+        raise TaskError(f"the model outputs {task.num_classes} classes but the data has "
+                        f"{len(images.classes)} ({', '.join(shown)}); build the model for "
+                        f"{len(images.classes)} classes (--num-classes {len(images.classes)})")
+    return task
+
+
+def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress: bool = True) -> Task:
+    """CIFAR-10 from its python batches, with a ``resnet20`` teacher trained here on first use.
+
+    The teacher is cached under the cache folder (``AUTOSHRINK_CACHE``), keyed by a hash of the
+    decoded data, the schedule and the torch version; it is loaded with ``weights_only=True``.
+
+    Args:
+        root: the folder with ``data_batch_1..5``, ``test_batch``, ``batches.meta``.
+        epochs: teacher training epochs (default 4; ``AUTOSHRINK_TEACHER_EPOCHS`` overrides).
+        progress: show a progress bar while training.
+
+    Example:
+        >>> task = cifar10_task("data/cifar-10-batches-py")  # doctest: +SKIP
+    """
+    from autoshrink import models
+    from autoshrink._env import cache_dir
+    from autoshrink.tasks.digits import train_teacher
+
+    epochs = epochs or int(os.environ.get("AUTOSHRINK_TEACHER_EPOCHS", str(CIFAR10_EPOCHS)))
+    data = read_cifar10(root, in_chans=3)
+    teacher = models.create(CIFAR10_TEACHER, num_classes=len(data.classes), in_chans=3)
+    key = hashlib.sha1(f"{data.digest}-e{epochs}-{torch.__version__}".encode()).hexdigest()[:12]
+    path = cache_dir() / "teachers" / f"cifar10-{CIFAR10_TEACHER}-{key}.pt"
+    accuracy = None
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            teacher.load_state_dict(saved["model"])
+            accuracy = float(saved["accuracy"])
+        except Exception:  # a damaged cache entry is retrained, never trusted
+            path.unlink(missing_ok=True)
+            teacher = models.create(CIFAR10_TEACHER, num_classes=len(data.classes), in_chans=3)
+    if accuracy is None:
+        start = time.perf_counter()
+        train_teacher(teacher, data, epochs=epochs, batch_size=128, lr=0.1, progress=progress,
+                      label=f"training the CIFAR-10 teacher ({CIFAR10_TEACHER}, {epochs} epochs; "
+                            "first use only, cached)")
+        probe = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0))
+        accuracy, _ = probe.evaluate(teacher)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save({"model": teacher.state_dict(), "accuracy": accuracy,
+                    "train_s": time.perf_counter() - start}, tmp)
+        os.replace(tmp, path)
+    return Task(
+        model=teacher.eval(),
+        train_data=data.train,
+        val_data=data.val,
+        example_input=data.val[0][0].unsqueeze(0),
+        name="cifar10",
+        teacher_accuracy=accuracy,
+        description=f"{data.description}; teacher {CIFAR10_TEACHER} trained here for {epochs} epochs",
+    )

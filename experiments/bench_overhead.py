@@ -1,0 +1,141 @@
+"""What the search machinery costs, and what a second worker buys.
+
+1. **Overhead** of a small search: ``1 - Σ(trial work) / (workers × span)``, where trial work is
+   each trial's compress + measure + fine-tune + evaluate seconds and span runs from the first
+   trial's start to the last trial's end (Ray scheduling, Optuna ask/tell, data shipping, process
+   start, and waiting for the latency lock all count as overhead).
+2. **Speed-up** of 2 workers over 1 on training-bound trials: the same candidates (uniform int8,
+   several pruning ratios, a long fine-tune, no budget so every one is fine-tuned) through
+   ``ash.sweep`` with ``workers=1`` then ``workers=2``, one torch thread per worker. Latency timing
+   holds the machine lock (nobody trains meanwhile), so it is the serial part.
+3. **Latency predictor** (``--predictor N``): N candidates sampled from the space; the per-layer
+   lookup table's prediction vs the latency measured as a trial measures it: median relative
+   error and Kendall τ.
+
+Usage:
+    python experiments/bench_overhead.py --task tiny --trials 6 --workers 2 --speedup 4 --predictor 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import autoshrink as ash
+
+WORK = ("compress_s", "measure_s", "finetune_s", "evaluate_s")
+
+
+def span_and_work(out: str | os.PathLike) -> tuple[float, float, int]:
+    """(span from the first trial's start to the last trial's end, Σ trial work, trials)."""
+    study = ash.load(out)._study
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    if not trials:
+        return float("nan"), 0.0, 0
+    first = min(t.datetime_start for t in trials)
+    last = max(t.datetime_complete for t in trials)
+    work = sum(float(t.user_attrs.get(k) or 0.0) for t in trials for k in WORK)
+    return (last - first).total_seconds(), work, len(trials)
+
+
+def overhead(task, space, budget, trials: int, workers: int, out: Path) -> None:
+    start = time.perf_counter()
+    ash.search(task, space, budget, trials=trials, workers=workers, out=out, seed=0, progress=False)
+    wall = time.perf_counter() - start
+    span, work, n = span_and_work(out)
+    print(f"[overhead] {n} trials, {workers} worker(s): span {span:.1f} s, trial work {work:.1f} s, "
+          f"overhead fraction {1 - work / (workers * span):.1%}; whole call {wall:.1f} s "
+          f"(setup before the first trial and the report after the last: {wall - span:.1f} s)")
+
+
+def speedup(task, n: int, steps: int, out: Path) -> None:
+    ratios = [0.0, 0.25, 0.5, 0.125, 0.375, 0.625][:n]
+    cands = [ash.Candidate.uniform(bits=8, prune=r, steps=steps, batch_size=32, round_to=4) for r in ratios]
+    figures = {}
+    for workers in (1, 2):
+        start = time.perf_counter()
+        ash.sweep(task, cands, None, workers=workers, threads_per_worker=1, out=out / f"workers{workers}",
+                  progress=False)
+        wall = time.perf_counter() - start
+        span, work, _ = span_and_work(out / f"workers{workers}")
+        figures[workers] = (wall, span, work)
+        print(f"[speed-up] {len(cands)} candidates, {steps} fine-tune steps, {workers} worker(s) x 1 thread: "
+              f"span {span:.1f} s (whole call {wall:.1f} s), trial work {work:.1f} s", flush=True)
+    (w1, s1, _), (w2, s2, _) = figures[1], figures[2]
+    print(f"[speed-up] 2 workers over 1: {s1 / s2:.2f}x on the trials' span, {w1 / w2:.2f}x on the whole call")
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's τ-a of two equally long sequences (pairs tied in either count as neither)."""
+    n, s = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            x, y = a[i] - a[j], b[i] - b[j]
+            s += (x * y > 0) - (x * y < 0)
+    return s / (n * (n - 1) / 2)
+
+
+def predictor(task, space, n: int, seed: int) -> None:
+    import optuna
+    from autoshrink.measure.predictor import LatencyPredictor
+    from compare_search import measured_latency_ms
+
+    sampler = optuna.samplers.RandomSampler(seed=seed)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    pred = LatencyPredictor.for_machine()
+    start = time.perf_counter()
+    before = len(pred.table)
+    rows = []
+    for _ in range(n):
+        cand = space.sample(study.ask())
+        t0 = time.perf_counter()
+        p = pred.predict(task.model, cand, task.example_input)
+        t_pred = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m = measured_latency_ms(task, cand)
+        t_meas = time.perf_counter() - t0
+        rows.append((p, m, t_pred, t_meas))
+        print(f"  predicted {p:7.3f} ms  measured {m:7.3f} ms  ({t_pred:5.1f} s vs {t_meas:5.1f} s)", flush=True)
+    predicted, measured = [r[0] for r in rows], [r[1] for r in rows]
+    rel = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
+    print(f"[predictor] {n} candidates: median relative error {statistics.median(rel):.1%}, "
+          f"Kendall tau {kendall_tau(predicted, measured):.2f}; table {before} -> {len(pred.table)} entries, "
+          f"{time.perf_counter() - start:.0f} s in all; per candidate once the table is warm: "
+          f"{statistics.median(r[2] for r in rows[n // 2:]):.2f} s to predict vs "
+          f"{statistics.median(r[3] for r in rows):.1f} s to measure")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="tiny", help="tiny (default), digits, digits-resnet20, ...")
+    p.add_argument("--budget-ms", type=float, default=None, help="default: none (every trial fine-tuned)")
+    p.add_argument("--trials", type=int, default=6, help="trials of the overhead search (0: skip)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--speedup", type=int, default=4, help="candidates of the speed-up sweeps (0: skip)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tune steps of the speed-up candidates")
+    p.add_argument("--predictor", type=int, default=0, help="candidates to check the predictor on (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from compare_search import task_and_space
+
+    task, space = task_and_space(args.task)
+    budget = ash.Budget(latency_ms=args.budget_ms)
+    out = Path(args.out or time.strftime("runs/bench-overhead-%Y%m%d-%H%M%S"))
+    print(f"task {args.task}; {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}")
+    if args.trials:
+        overhead(task, space, budget, args.trials, args.workers, out / "search")
+    if args.speedup:
+        speedup(task, args.speedup, args.steps, out / "speedup")
+    if args.predictor:
+        predictor(task, space, args.predictor, args.seed)
+    print(f"load average after: {os.getloadavg()[0]:.1f} (other processes share this machine if it is "
+          f"above the workers in use)")
+
+
+if __name__ == "__main__":
+    main()

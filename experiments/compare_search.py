@@ -1,0 +1,234 @@
+"""Does the search pay? autoshrink (TPE + baselines) vs random search vs the hand baseline, at
+equal trial counts, on one task and latency budget, for several seeds.
+
+- ``autoshrink``: ``ash.search`` with TPE, the uniform baselines enqueued first;
+- ``random``: ``ash.search`` with the random sampler and no baselines (same space, same gate);
+- ``hand``: what an engineer would do by hand: uniform int8 plus one uniform pruning ratio,
+  bisected on *measured* latency (no fine-tuning) to the smallest ratio that meets the budget,
+  then the same KD fine-tune once (the space's own KD settings, as the baselines use).
+
+One row per (method, seed): ``best_accuracy`` and ``best_latency_ms`` of the best trial that meets
+the budget, ``hypervolume`` of accuracy × latency with the fixed reference point (accuracy 0 %,
+latency = budget: only feasible trials count), ``wall_s``, and ``infeasible_finetune_s`` (seconds
+spent fine-tuning candidates that ended up over the budget: the gate should keep it at 0).
+
+Usage:
+    python experiments/compare_search.py --trials 30 --seeds 3 --out runs/compare.csv   # the full one
+    python experiments/compare_search.py --task tiny --trials 6 --seeds 1 --out runs/compare-tiny.csv
+
+``--task tiny`` is a small CNN trained here in seconds (cached) with a matching small space, for
+machines where the ResNet-18 ``digits`` task is too slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import autoshrink as ash
+from autoshrink.search import _space_defaults
+
+OBJECTIVES = {"accuracy": "max", "latency_ms": "min"}
+COLUMNS = ["method", "seed", "best_accuracy", "best_latency_ms", "hypervolume", "wall_s",
+           "infeasible_finetune_s", "trials", "feasible_trials", "finetune_s_total"]
+
+TINY_SPACE = {
+    "name": "tiny",
+    "layers": [
+        {"name": "stem", "pattern": "conv1", "bits": [8, 32]},
+        {"name": "stage1", "pattern": "layer1.*", "bits": [4, 8, 32],
+         "prune": {"low": 0.0, "high": 0.5, "step": 0.25}},
+        {"name": "stage2", "pattern": "layer2.*", "bits": [4, 8, 32],
+         "prune": {"low": 0.0, "high": 0.75, "step": 0.25}},
+        {"name": "head", "pattern": "fc", "bits": [8, 32]},
+    ],
+    "defaults": {"bits": 8, "prune": 0.0},
+    "distill": {"temperature": {"low": 1.0, "high": 8.0}, "alpha": {"low": 0.3, "high": 0.95}},
+    "finetune": {"steps": [60, 120], "lr": {"low": 0.003, "high": 0.03, "log": True}, "batch_size": 32},
+    "round_to": 4,
+}
+
+
+def tiny_task() -> ash.Task:
+    """A ResNet-like CNN (conv1 → layer1 (32 ch) → layer2 (64 ch) → fc) on the digits data,
+    trained for a few epochs on first use and cached under ``AUTOSHRINK_CACHE``."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from autoshrink._env import cache_dir
+    from autoshrink.tasks.digits import digits_data, train_teacher
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+    class TinyNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 32, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(32)
+            self.layer1 = nn.Sequential(Block(32, 32, 1))
+            self.layer2 = nn.Sequential(Block(32, 64, 2))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.conv1(x)))
+            x = self.layer2(self.layer1(x))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    data = digits_data()
+    model = TinyNet()
+    path = cache_dir() / "teachers" / "bench-tinynet-v1.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        torch.manual_seed(0)
+        train_teacher(model, data, epochs=4, batch_size=64, lr=0.05, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    model.eval()
+    return ash.Task(model=model, train_data=data.train, val_data=data.val,
+                    example_input=data.val[0][0].unsqueeze(0), name="tiny")
+
+
+def task_and_space(name: str) -> tuple[ash.Task, ash.SearchSpace]:
+    if name == "tiny":
+        return tiny_task(), ash.SearchSpace.from_dict(TINY_SPACE, source="tiny")
+    return ash.tasks.get(name, progress=False), ash.SearchSpace.default()
+
+
+def summarise(df: pd.DataFrame, budget_ms: float) -> dict:
+    """The figures of one run's trials table."""
+    done = df[df["state"] == "COMPLETE"]
+    feasible = done[(done["latency_ms"] <= budget_ms) & done["accuracy"].notna()]
+    best = feasible.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).head(1)
+    over = df[(df["latency_ms"] > budget_ms) | (df["meets_budget"] == False)]  # noqa: E712
+    return {
+        "best_accuracy": float(best["accuracy"].iloc[0]) if len(best) else float("nan"),
+        "best_latency_ms": float(best["latency_ms"].iloc[0]) if len(best) else float("nan"),
+        "hypervolume": ash.hypervolume(df, OBJECTIVES, reference={"accuracy": 0.0, "latency_ms": budget_ms}),
+        "infeasible_finetune_s": float(over["finetune_s"].fillna(0).sum()),
+        "trials": len(df),
+        "feasible_trials": len(feasible),
+        "finetune_s_total": float(df["finetune_s"].fillna(0).sum()),
+    }
+
+
+def run_search(task, space, budget, trials, seed, workers, out, sampler, baselines) -> dict:
+    start = time.perf_counter()
+    result = ash.search(task, space, budget, trials=trials, workers=workers, out=out, seed=seed,
+                        sampler=sampler, enqueue_baselines=baselines, progress=False)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, **summarise(result.trials, budget.latency_ms)}
+
+
+def measured_latency_ms(task, candidate: ash.Candidate) -> float:
+    """Latency of ``candidate`` measured as a trial measures it, without fine-tuning: the trial's
+    own code path with an unreachable budget, so that it stops at the budget gate."""
+    from autoshrink.measure.latency import MachineLock
+    from autoshrink.trial import TrialContext, evaluate
+
+    result = evaluate(task, candidate, ash.Budget(latency_ms=1e-9), TrialContext(lock=MachineLock()))
+    return float(result.latency_ms)
+
+
+def run_hand(task, space, budget, seed, out, iterations: int = 5, high: float = 0.875) -> dict:
+    """Uniform int8 + the smallest uniform pruning ratio whose measured latency meets the
+    budget (bisection), then one KD fine-tune of that candidate."""
+    start = time.perf_counter()
+    base = _space_defaults(space)
+
+    def cand(ratio: float) -> ash.Candidate:
+        return ash.Candidate.uniform(bits=8, prune=ratio, temperature=base.kd_temperature, alpha=base.kd_alpha,
+                                     steps=base.finetune_steps, lr=base.lr, batch_size=base.batch_size,
+                                     round_to=base.round_to)
+
+    probes = []
+    ratio = 0.0
+    lat = measured_latency_ms(task, cand(0.0))
+    probes.append((0.0, lat))
+    if lat > budget.latency_ms:
+        lo, hi = 0.0, high
+        lat_hi = measured_latency_ms(task, cand(hi))
+        probes.append((hi, lat_hi))
+        ratio = hi
+        if lat_hi <= budget.latency_ms:
+            for _ in range(iterations):
+                mid = round((lo + hi) / 2, 4)
+                lat_mid = measured_latency_ms(task, cand(mid))
+                probes.append((mid, lat_mid))
+                if lat_mid <= budget.latency_ms:
+                    hi = mid
+                else:
+                    lo = mid
+            ratio = hi
+    print(f"  hand: bisection probes (prune ratio, ms): {[(r, round(v, 3)) for r, v in probes]} -> {ratio}")
+    df = ash.sweep(task, [cand(ratio)], budget, workers=1, out=out, seed=seed, progress=False)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, **summarise(df, budget.latency_ms)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/compare_search.csv", help="CSV, one row per (method, seed)")
+    p.add_argument("--task", default="digits", help="digits, digits-resnet20, ... or tiny")
+    p.add_argument("--budget-ms", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--runs-dir", default=None, help="where the searches' run folders go")
+    p.add_argument("--methods", default="autoshrink,random,hand")
+    args = p.parse_args()
+
+    task, space = task_and_space(args.task)
+    budget = ash.Budget(latency_ms=args.budget_ms)
+    runs = Path(args.runs_dir or Path(args.out).with_suffix(""))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"task {args.task}, budget {args.budget_ms} ms, {args.trials} trials, {args.seeds} seed(s), "
+          f"workers {args.workers or 'default'}, {os.cpu_count()} cores")
+    rows = []
+    for seed in range(args.seeds):
+        for method in args.methods.split(","):
+            folder = runs / f"{method}-seed{seed}"
+            if method == "autoshrink":
+                figures = run_search(task, space, budget, args.trials, seed, args.workers, folder, "tpe", True)
+            elif method == "random":
+                figures = run_search(task, space, budget, args.trials, seed, args.workers, folder, "random", False)
+            elif method == "hand":
+                figures = run_hand(task, space, budget, seed, folder)
+            else:
+                raise SystemExit(f"unknown method {method!r}; choose from autoshrink, random, hand")
+            rows.append({"method": method, "seed": seed, **figures})
+            print(f"  {method} seed {seed}: " + ", ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()), flush=True)
+            table = pd.DataFrame(rows, columns=COLUMNS)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            table.to_csv(tmp, index=False)
+            os.replace(tmp, out)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    print()
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print()
+    print(table.groupby("method")[["best_accuracy", "best_latency_ms", "hypervolume", "wall_s",
+                                   "infeasible_finetune_s"]].mean().to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
