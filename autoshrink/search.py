@@ -14,6 +14,8 @@ the sampler (NaN in ``trials.csv``: it was not measured).
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import math
 import os
 import socket
@@ -260,8 +262,11 @@ def _check_exportable(task: Task) -> None:
     from autoshrink.compress.quantize import export_model
     from autoshrink.task import TaskError
 
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # torch logs and prints the partial graph; the error says it all
     try:
-        export_model(copy.deepcopy(task.model).eval(), task.example_input)
+        with contextlib.redirect_stderr(io.StringIO()):
+            export_model(copy.deepcopy(task.model).eval(), task.example_input)
     except Exception as exc:  # the user's model: any failure here is the same finding
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise TaskError(
@@ -269,6 +274,8 @@ def _check_exportable(task: Task) -> None:
             f"need: {type(exc).__name__}: {first[:300]}. The usual cause is Python control flow on "
             "tensor values (`if x.sum() > 0:`); express it with torch.where or torch.cond"
         ) from exc
+    finally:
+        logging.disable(quiet)
 
 
 def _check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: _Settings,
@@ -412,7 +419,8 @@ def search(
     if not resume:  # a resumed study passed these checks when it began
         _check_exportable(task)
     _check_reachable(task, space, budget, settings,
-                     latency=not resume and latency_target is None and latency_runs > 0)
+                     # on a cluster, latency may be timed on a target node, not here
+                     latency=not resume and ray_address is None and latency_runs > 0)
     study = _open_study(storage, study_name, sampler_obj, resume, out_dir, space, join)
 
     driver = _Driver(task, space, budget, study, out_dir, workers, settings,

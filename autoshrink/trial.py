@@ -248,11 +248,34 @@ def save_deployable(lowered: torch.nn.Module, example_input: torch.Tensor, path:
     from autoshrink.compress.quantize import _batch_of_two
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_unused_weights_(lowered)
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(
         lowered, (_batch_of_two(example_input),), dynamic_shapes=({0: batch},), strict=False
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     torch.export.save(ep, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _drop_unused_weights_(gm: torch.nn.Module) -> None:
+    """Delete parameters and buffers no graph node reads (in place).
+
+    After ``convert_pt2e`` the graph reads the quantized weight constants, but the original fp32
+    weights stay attached to the module: exported as they are, a ResNet-18 at int8 weighed 56 MB
+    instead of 11.6 MB, with identical outputs once they are gone.
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        return
+    gm.graph.eliminate_dead_code()
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
+    for name in names:
+        if name in used or any(u.startswith(name + ".") for u in used):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        delattr(owner, attr)
+    gm.delete_all_unused_submodules()
+    gm.recompile()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -49,6 +50,10 @@ def main() -> None:
         medians.append(lat.median_ms)
         print(f"median {lat.median_ms:.3f} ms (IQR {lat.p25_ms:.3f}-{lat.p75_ms:.3f} ms), "
               f"batch 1, {lat.threads} thread(s), {lat.runs} runs, input {tuple(x.shape)}")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores - 1:
+        print(f"warning: load average {load:.1f} on {cores} cores; other processes share the CPU, "
+              "so these figures overstate the latency (the machine lock only excludes autoshrink)")
     metrics = path.parent / "metrics.json"
     if metrics.is_file():
         recorded = json.loads(metrics.read_text()).get("trial", {}).get("latency_ms")

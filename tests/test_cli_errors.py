@@ -145,8 +145,137 @@ def test_bad_input_is_one_clear_line(make_argv, pattern, tmp_path, monkeypatch, 
     assert re.search(pattern, lines[0]), lines[0]
 
 
+# -- your own model and data: --model pkg.module:factory, --checkpoint, --data ------------------
+NETS = """\
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    in_chans, img_size = 1, 8
+
+    def __init__(self, num_classes=2, width=8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class DataDependent(Net):
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if y.sum() > 0:  # control flow on a value: torch.export cannot capture it
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def build(num_classes=2):
+    return Net(num_classes)
+
+
+def wide(num_classes=2):
+    return Net(num_classes, width=16)
+
+
+def data_dependent(num_classes=2):
+    return DataDependent(num_classes)
+"""
+MODULE = "autoshrink_cli_test_nets"  # imported from the current folder, as a user's module is
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """A folder as a user would have it: a module with model factories, checkpoints, images."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("user")
+    (root / f"{MODULE}.py").write_text(NETS)
+    g = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog"):
+        (root / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / "images" / label / f"{i}.png")
+    (root / "empty").mkdir()
+    torch.save(nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Linear(16, 2)).state_dict(),
+               root / "other-arch.pt")
+    (root / "corrupt.pt").write_bytes(b"\x80\x02not a checkpoint at all" * 10)
+    (root / "block9.yaml").write_text("layers:\n  - {pattern: 'block9.*', bits: [8]}\n")
+    (root / "conv.yaml").write_text("layers:\n  - {pattern: 'conv', bits: [8], prune: [0.0, 0.5]}\n")
+    return root
+
+
+def _own(*args: str) -> list[str]:
+    return ["search", "--model", f"{MODULE}:build", "--data", "imagefolder:images", "--no-progress",
+            *args]
+
+
+OWN_CASES = [
+    ("pattern-matches-no-layer", _own("--budget-mmacs", "10", "--space", "block9.yaml", "--out", "r1"),
+     r"block9\.yaml: layers\[0\]\.pattern: 'block9\.\*' matches no layer of the model \(its layers: "
+     r"conv, fc\)"),
+    ("budget-unreachable", _own("--budget-mmacs", "1e-6", "--space", "conv.yaml", "--out", "r2"),
+     r"no configuration of the space .*conv\.yaml can meet the budget \(mmacs <= 1e-06 MMACs\): even "
+     r"the cheapest one \(lowest bits, most pruning\) has mmacs 0\.0\d+ MMACs > 1e-06\. The minimum "
+     r"achievable is about mmacs 0\.0\d+ MMACs: raise the budget or widen the space"),
+    ("model-not-traceable", ["search", "--model", f"{MODULE}:data_dependent", "--data", "imagefolder:images",
+                             "--budget-mmacs", "10", "--space", "conv.yaml", "--out", "r3"],
+     r"the model cannot be captured by torch\.export, which quantization and the saved model need: "
+     r".*express it with torch\.where or torch\.cond"),
+    ("checkpoint-missing", _own("--budget-ms", "5", "--checkpoint", "nope.pt"),
+     r"--checkpoint nope\.pt: no such file"),
+    ("checkpoint-corrupt", _own("--budget-ms", "5", "--checkpoint", "corrupt.pt"),
+     r"--checkpoint corrupt\.pt: (not a readable torch checkpoint|cannot be loaded with weights_only)"),
+    ("checkpoint-other-architecture", _own("--budget-ms", "5", "--checkpoint", "other-arch.pt"),
+     r"--checkpoint other-arch\.pt is for another architecture than --model "
+     r"autoshrink_cli_test_nets:build: .*(missing|unexpected)"),
+    ("checkpoint-other-width", _own("--budget-ms", "5", "--checkpoint", "wide.pt"),
+     r"--checkpoint wide\.pt is for another architecture than --model autoshrink_cli_test_nets:build: "
+     r"'conv\.weight' is \(16, 1, 3, 3\) in the checkpoint but \(8, 1, 3, 3\) in the model"),
+    ("data-folder-missing", ["search", "--budget-ms", "5", "--model", f"{MODULE}:build",
+                             "--data", "imagefolder:nowhere"],
+     r"imagefolder:nowhere: no such folder"),
+    ("data-folder-empty", ["search", "--budget-ms", "5", "--model", f"{MODULE}:build",
+                           "--data", "imagefolder:empty"],
+     r"imagefolder:empty: no class sub-folders \(expected empty/<class>/<image>\)"),
+    ("data-unknown-scheme", ["search", "--budget-ms", "5", "--model", f"{MODULE}:build",
+                             "--data", "folder:images"],
+     r"--data 'folder:images': unknown data scheme 'folder'"),
+    ("model-spec-malformed", ["search", "--budget-ms", "5", "--model", MODULE, "--data", "imagefolder:images"],
+     r"--model 'autoshrink_cli_test_nets': expected pkg\.module:factory"),
+    ("model-module-missing", ["search", "--budget-ms", "5", "--model", "no_such_module_xyz:build",
+                              "--data", "imagefolder:images"],
+     r"--model 'no_such_module_xyz:build': cannot import 'no_such_module_xyz'"),
+    ("model-factory-missing", ["search", "--budget-ms", "5", "--model", f"{MODULE}:biuld",
+                               "--data", "imagefolder:images"],
+     r"has no 'biuld'\. Did you mean 'build'\?"),
+    ("data-without-model", ["search", "--budget-ms", "5", "--data", "imagefolder:images"],
+     r"--data 'imagefolder:images' needs --model pkg\.module:factory"),
+]
+
+
+@pytest.mark.parametrize("argv, pattern", [c[1:] for c in OWN_CASES], ids=[c[0] for c in OWN_CASES])
+def test_bad_model_or_data_is_one_clear_line(argv, pattern, user_files, monkeypatch, capsys):
+    monkeypatch.chdir(user_files)
+    if not (user_files / "wide.pt").exists():  # a checkpoint of the same module, other width
+        import importlib
+
+        monkeypatch.syspath_prepend(str(user_files))
+        torch.save(importlib.import_module(MODULE).wide().state_dict(), user_files / "wide.pt")
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
 def test_there_are_at_least_twenty_cases():
-    assert len(CASES) >= 20
+    assert len(CASES) + len(OWN_CASES) >= 20
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

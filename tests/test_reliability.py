@@ -168,6 +168,31 @@ def test_a_trial_killed_before_it_was_sampled_is_rerun_with_its_given_params(tmp
     assert {t.user_attrs["error"] for t in study.trials} == {INTERRUPTED}
 
 
+def test_drivers_sharing_a_study_stop_at_the_total(tmp_path):
+    """Two drivers may both see room for the last trial and both ask: the later trial number is
+    the surplus one, recorded as not run and not counted."""
+    from autoshrink.budget import Budget
+    from autoshrink.search import SURPLUS, _Driver, _Settings
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                directions=["maximize", "minimize"])
+    driver = _Driver(None, None, Budget(), study, tmp_path, 1,
+                     _Settings(threads=1, latency_threads=1, latency_runs=10, eval_every=0, seed=0,
+                               lock_dir=None), None, False, False)
+    done = study.ask()
+    study.tell(done, [90.0, 1.0])
+    interrupted = study.ask()
+    interrupted.set_user_attr("error", INTERRUPTED)
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    running = [study.ask() for _ in range(2)]  # two drivers' last asks, both still RUNNING
+    assert driver._committed() == 3  # the interrupted trial does not count
+    assert not driver._surplus(running[0].number, total=2)
+    assert driver._surplus(running[1].number, total=2)
+    running[1].set_user_attr("error", SURPLUS)
+    study.tell(running[1], state=optuna.trial.TrialState.FAIL)
+    assert driver._committed() == 2
+
+
 # -- a killed, then interrupted, then resumed driver -----------------------------------------
 DRIVER = """\
 import json, os, sys

@@ -149,7 +149,9 @@ def test_front_table() -> None:
     df = _trials()
     table = front_table(df, OBJ)
     assert table.row_count == len(pareto_front(df, OBJ))
-    assert "bits.layer1" in [str(c.header) for c in table.columns]
+    assert "bits.layer1" not in [str(c.header) for c in table.columns]  # narrow by default
+    wide = front_table(df, OBJ, params=True)
+    assert "bits.layer1" in [str(c.header) for c in wide.columns]
 
 
 def test_plan_table() -> None:

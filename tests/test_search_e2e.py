@@ -60,6 +60,7 @@ def test_best_model_loads_in_another_process(run):
     assert ash.Candidate.from_dict(cand)
     code = (
         "import torch, sys\n"
+        "import torch.ao.quantization.fx._decomposed  # registers the int8 ops, part of torch\n"
         "m = torch.export.load(sys.argv[1]).module()\n"
         "print(m(torch.zeros(3, 1, 32, 32)).shape[1])\n"
     )

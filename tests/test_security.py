@@ -111,9 +111,23 @@ def test_a_crafted_model_checkpoint_is_refused(tmp_path):
     custom = pytest.importorskip("autoshrink.tasks.custom")
     marker = tmp_path / "pwned"
     ckpt = _crafted(tmp_path / "model.pt", marker)
-    with pytest.raises((autoshrink.TaskError, ValueError, pickle.UnpicklingError)):
-        custom.task_from_cli(model="autoshrink.models:create", checkpoint=str(ckpt),
-                             data=f"imagefolder:{tmp_path}", task=None, num_classes=10)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(autoshrink.TaskError, match=r"--checkpoint .*model\.pt: cannot be loaded with "
+                                                   r"weights_only=True"):
+        custom.load_checkpoint(net, ckpt, model="mynet:build")
+    assert not marker.exists()
+
+
+def test_crafted_cifar10_batches_are_refused(tmp_path):
+    from autoshrink.data import read_cifar10
+
+    marker = tmp_path / "pwned"
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (root / name).write_bytes(pickle.dumps({b"data": _Payload(marker), b"label_names": _Payload(marker)}))
+    with pytest.raises(autoshrink.TaskError, match=r"cifar10:.*(refusing|not a CIFAR-10)"):
+        read_cifar10(root)
     assert not marker.exists()
 
 
