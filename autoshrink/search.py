@@ -165,7 +165,8 @@ def _check_study(storage, study_name: str, resume: bool, out: Path, space: Searc
                               sampler=optuna.samplers.RandomSampler())
     if not resume and not join and any(t.state.is_finished() for t in study.trials):
         raise SearchError(
-            f"{str(out)!r} already holds a search ({len(study.trials)} trials); "
+            f"{str(out)!r} already holds a search ({len(study.trials)} "
+            f"trial{'' if len(study.trials) == 1 else 's'}); "
             "pass --resume to continue it or choose another --out"
         )
     fp = study.user_attrs.get("space_fingerprint")

@@ -111,7 +111,7 @@ CASES = [
      r"--resume: the study in '.*run' was made with a different search space \(old\.yaml, now "
      r".*tiny\.yaml\); use the same space or a new --out"),
     ("out-holds-a-search", lambda d: ["search", "--budget-ms", "5", "--out", str(_study(d / "run"))],
-     r"'.*run' already holds a search \(1 trials\); pass --resume to continue it or choose another --out"),
+     r"'.*run' already holds a search \(1 trial\); pass --resume to continue it or choose another --out"),
     ("out-not-writable", lambda d: ["search", "--budget-ms", "5",
                                     "--out", str((d / "a-file").resolve() / "run")],
      r"out folder '.*a-file/run' is not writable: Not a directory"),

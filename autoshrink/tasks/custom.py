@@ -237,10 +237,11 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike, *, model: str | Non
         raise TaskError(f"{what}: no such file")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TaskError(f"{what}: cannot be loaded with weights_only=True ({first}); save "
-                        "model.state_dict() with torch.save instead of the whole model") from exc
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: unsafe advice for a file we don't trust
+        raise TaskError(f"{what}: cannot be loaded with weights_only=True (it holds objects that "
+                        "only code from the file could rebuild); save model.state_dict() with "
+                        "torch.save instead of the whole model") from None
     except Exception as exc:  # torch raises many types for damaged files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TaskError(f"{what}: not a readable torch checkpoint ({type(exc).__name__}: "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from autoshrink._env import cache_dir
-from autoshrink.task import Task
+from autoshrink.task import Task, TaskError
 
 __all__ = ["DigitsData", "digits_data", "digits_task", "train_teacher"]
 
@@ -194,9 +194,15 @@ def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progre
     path = _teacher_path(model, epochs)
     meta_acc = None
     if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        teacher.load_state_dict(state["model"])
-        meta_acc = float(state["accuracy"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            teacher.load_state_dict(state["model"])
+            meta_acc = float(state["accuracy"])
+        except Exception as exc:  # never trust a damaged or tampered cache file
+            raise TaskError(
+                f"the cached teacher {path} cannot be loaded safely ({type(exc).__name__}); "
+                "delete it and it will be trained again"
+            ) from None
     else:
         start = time.perf_counter()
         train_teacher(teacher, data, epochs=epochs, progress=progress)
