@@ -635,6 +635,7 @@ class _Driver:
         if self._committed() >= total:
             return
         self._start_ray()
+        _ship_user_code_by_value(self.task)
         task_ref = ray.put(self.task)
         logits = teacher_logits(self.task.model, self.task.train_data)
         logits_ref = ray.put(logits)
@@ -789,6 +790,32 @@ def _driver_alive(driver: str | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _ship_user_code_by_value(task) -> None:
+    """Let Ray workers rebuild the user's model and data classes even when their module cannot
+    be imported there (a script, a notebook, a test file): such modules are pickled by value.
+
+    Modules of installed packages (torch, autoshrink, site-packages) stay pickled by reference.
+    """
+    import sys
+
+    from ray import cloudpickle
+
+    objects = [task.model, *task.model.modules(), task.train_data, task.val_data]
+    for obj in objects:
+        name = type(obj).__module__
+        module = sys.modules.get(name)
+        top = name.split(".")[0]
+        if module is None or top in ("torch", "autoshrink", "builtins", "__main__"):
+            continue
+        path = getattr(module, "__file__", None) or ""
+        if "site-packages" in path or "dist-packages" in path or path.startswith(sys.prefix):
+            continue
+        try:
+            cloudpickle.register_pickle_by_value(module)
+        except ValueError:  # already registered, or not a module cloudpickle accepts
+            pass
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # Keep every cache and lock of the test run in one temporary place, and Ray local and quiet.
 _TMP = tempfile.mkdtemp(prefix="autoshrink-tests-")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # caches (Inductor's too) go with the run
 os.environ.setdefault("AUTOSHRINK_CACHE", os.path.join(_TMP, "cache"))
 os.environ.setdefault("AUTOSHRINK_LOCK_DIR", os.path.join(_TMP, "locks"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -237,7 +237,10 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike, *, model: str | Non
         raise TaskError(f"{what}: no such file")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # not a refused object: a damaged file
+            raise TaskError(f"{what}: not a readable torch checkpoint (the file is damaged or "
+                            "not a torch.save file)") from None
         # torch's own message suggests weights_only=False: unsafe advice for a file we don't trust
         raise TaskError(f"{what}: cannot be loaded with weights_only=True (it holds objects that "
                         "only code from the file could rebuild); save model.state_dict() with "
