@@ -80,8 +80,9 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
 
 def predictor(task, space, n: int, seed: int) -> None:
     import optuna
-    from autoshrink.measure.predictor import LatencyPredictor
     from compare_search import measured_latency_ms
+
+    from autoshrink.measure.predictor import LatencyPredictor
 
     sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)

@@ -16,6 +16,11 @@ Usage:
     python experiments/compare_search.py --trials 30 --seeds 3 --out runs/compare.csv   # the full one
     python experiments/compare_search.py --task tiny --trials 6 --seeds 1 --out runs/compare-tiny.csv
 
+Read the figures with the latency noise in mind: on a shared machine a median can move by 10 %
+between two measurements of one model, so keep the budget away from where the baselines sit, and
+remember that TPE samples at random for its first 6 trials (after the 3 baselines): below ~12
+trials autoshrink is "baselines + random search".
+
 ``--task tiny`` is a small CNN trained here in seconds (cached) with a matching small space, for
 machines where the ResNet-18 ``digits`` task is too slow.
 """

@@ -6,6 +6,7 @@ It has the four couplings structured pruning must respect: a residual add, a dep
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,6 +75,7 @@ def _user_task() -> ash.Task:
                     name="user-net")
 
 
+@pytest.mark.slow  # three trials, each compiled twice (latency, accuracy): ~2 min on 2 cores
 def test_a_user_model_sweeps_without_changes(tmp_path):
     task = _user_task()
     knobs = {"steps": 20, "batch_size": 32, "round_to": 8}

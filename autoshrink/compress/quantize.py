@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -160,6 +161,43 @@ def _split_reused_activations(gm: torch.fx.GraphModule) -> None:
                 node.meta["source_fn_stack"] = [(f"{fqn}__call{i}", kind)]
 
 
+def _patch_torchao() -> None:
+    """Two targeted fixes to torchao's PT2E internals, installed once per process (each checks
+    that the function it wraps exists, and leaves torchao alone otherwise)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    _memoize_pattern_exports()
+    _skip_empty_qspec_updates()
+
+
+_PATCHED = False
+
+
+def _skip_empty_qspec_updates() -> None:
+    """QAT conv-BN fusion crashes (``IndexError`` in ``_update_conv_input_qspec_map_after_
+    replacement``) when the conv feeding a fused conv-BN is itself a conv left fp32: the fusion
+    revisits that input conv to re-key its quantization specs, and an fp32 conv's annotation
+    has none. MobileNetV2's last projection (fp32) feeding ``conv_head`` (int8) hits it. An
+    empty map has nothing to re-key, so it is skipped."""
+    import importlib
+
+    try:
+        qat_utils = importlib.import_module("torchao.quantization.pt2e.qat_utils")
+        original = qat_utils._update_conv_input_qspec_map_after_replacement
+    except (ImportError, AttributeError):
+        return
+
+    def update(original_node, replacement_node):
+        annotation = original_node.meta.get("quantization_annotation")
+        if annotation is not None and not annotation.input_qspec_map:
+            return
+        original(original_node, replacement_node)
+
+    qat_utils._update_conv_input_qspec_map_after_replacement = update
+
+
 def _memoize_pattern_exports() -> None:
     """Export each of torchao's fixed rewrite patterns once per process, not once per call.
 
@@ -171,10 +209,6 @@ def _memoize_pattern_exports() -> None:
     graph is cached under those and handed out as a copy (the rewriter reads it, never keeps it).
     Anything else (a closure over a tensor, an unknown layout) is exported as before.
     """
-    global _PATTERNS_MEMOIZED
-    if _PATTERNS_MEMOIZED:
-        return
-    _PATTERNS_MEMOIZED = True
     import importlib
 
     try:
@@ -201,9 +235,6 @@ def _memoize_pattern_exports() -> None:
         if getattr(mod, "_get_aten_graph_module_for_pattern", None) is original:
             mod._get_aten_graph_module_for_pattern = cached
     utils._get_aten_graph_module_for_pattern = cached
-
-
-_PATTERNS_MEMOIZED = False
 
 
 def _pattern_key(pattern, example_inputs, is_cuda, kwargs) -> tuple | None:
@@ -250,11 +281,56 @@ def _quantizer(bits: dict[str, int], is_qat: bool):
     four = dataclasses.replace(
         base, weight=dataclasses.replace(base.weight, quant_min=-8, quant_max=7)
     )
-    quantizer = xiq.X86InductorQuantizer()
+    quantizer = (_one_sweep_quantizer() or xiq.X86InductorQuantizer)()
     quantizer.set_global(base)
     for name, b in bits.items():
         quantizer.set_module_name_qconfig(name, {4: four, 8: base, 32: None}[b])
     return quantizer
+
+
+@functools.cache
+def _one_sweep_quantizer():
+    """``X86InductorQuantizer`` that annotates all layers sharing a setting in one sweep.
+
+    The stock quantizer walks the whole graph once per ``set_module_name_qconfig`` entry, so
+    per-layer settings cost O(layers x graph): half of a MobileNetV2's preparation time. Layer
+    names here are leaf Conv2d/Linear modules, whose only op is the conv/linear itself, and no
+    x86 pattern holds two of those, so "every node of the pattern comes from one of these
+    layers" accepts exactly the patterns the per-layer filters accept: same annotations, one
+    sweep per distinct setting (at most three: 4, 8, fp32).
+    """
+    try:
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        base_cls = xiq.X86InductorQuantizer
+        global_filter = xiq._global_config_filter
+        for attr in ("_annotate_with_config", "_annotate_output_for_int8_in_int8_out_pattern_entry"):
+            getattr(base_cls, attr)
+    except (ImportError, AttributeError):  # another torchao layout: the stock quantizer
+        return None
+
+    def from_layers(names: set[str]):
+        def layers_of(node) -> set[str]:
+            stack = node.meta.get("nn_module_stack", {})
+            return {p.removeprefix("L['self'].") for p, _ in stack.values()}
+
+        return lambda nodes: all(layers_of(n) & names for n in nodes)
+
+    class OneSweepPerSetting(base_cls):
+        def annotate(self, model):
+            if self.operator_type_qconfig:
+                return super().annotate(model)
+            groups: dict[int, tuple[object, set[str]]] = {}
+            for name, config in self.module_name_qconfig.items():
+                groups.setdefault(id(config), (config, set()))[1].add(name)
+            for config, names in groups.values():
+                self._annotate_with_config(model, config, from_layers(names))
+            if self.global_config:
+                self._annotate_with_config(model, self.global_config, global_filter)
+            self._annotate_output_for_int8_in_int8_out_pattern_entry(model)
+            return model
+
+    return OneSweepPerSetting
 
 
 def _quantized(bits: dict[str, int]) -> bool:
@@ -280,7 +356,7 @@ def prepare_qat(
         return model.train()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    _memoize_pattern_exports()
+    _patch_torchao()
 
     # PT2E's QAT conv-BN fusion assumes every conv it fuses is annotated; fp32 convs are not, so
     # their BatchNorm is folded into them first (exact in eval; they then fine-tune without BN).
@@ -360,7 +436,7 @@ def prepare_ptq(
         return model
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    _memoize_pattern_exports()
+    _patch_torchao()
 
     gm = export_model(model, example_input)
     with warnings.catch_warnings():
@@ -377,7 +453,7 @@ def set_train(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.fx.GraphModule):
         from torchao.quantization.pt2e import enable_observer, move_exported_model_to_train
 
-        _memoize_pattern_exports()
+        _patch_torchao()
         move_exported_model_to_train(model)
         model.apply(enable_observer)
     else:
@@ -391,7 +467,7 @@ def set_eval(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.fx.GraphModule):
         from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
 
-        _memoize_pattern_exports()
+        _patch_torchao()
         move_exported_model_to_eval(model)
         model.apply(disable_observer)
     else:
@@ -408,7 +484,7 @@ def lower(prepared: nn.Module) -> nn.Module:
         return set_eval(prepared)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    _memoize_pattern_exports()
+    _patch_torchao()
     gm = copy.deepcopy(prepared)
     set_eval(gm)
     with warnings.catch_warnings():

@@ -119,3 +119,16 @@ def test_export_has_dynamic_batch():
     m = copy.deepcopy(_SharedRelu()).eval()
     gm = export_model(m, torch.randn(1, 1, 8, 8))
     assert gm(torch.randn(5, 1, 8, 8)).shape == (5, 3)
+
+
+def test_fp32_conv_feeding_an_int8_conv_bn_prepares():
+    # torchao's QAT conv-BN fusion used to crash (IndexError) re-keying the fp32 input conv
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    comp = compress(m, Candidate(bits={"0": 32}, default_bits=8), x)
+    student = comp.trainable(x)
+    assert isinstance(student, torch.fx.GraphModule)
+    set_eval(student)
+    assert student(torch.randn(2, 1, 8, 8)).shape == (2, 3)
