@@ -49,6 +49,23 @@ def test_lowered_int8_agrees_with_fake_quant(tiny_task):
     assert (fq == fast).float().mean() >= 0.97
 
 
+def test_int8_accuracy_is_the_fake_quant_accuracy(tiny_task):
+    # honesty: a trial reports the accuracy of the lowered, compiled int8 model; it must be what
+    # the fine-tune (fake-quant) reached, or the search ranks models by numbers nobody deploys
+    from autoshrink.compress.distill import finetune
+
+    cand = Candidate(bits={"layer1.*": 4, "fc": 32}, default_bits=8, prune={"layer2.*": 0.25},
+                     finetune_steps=40, batch_size=32, round_to=8)
+    comp = compress(tiny_task.model, cand, tiny_task.example_input)
+    student = comp.trainable(tiny_task.example_input, list(tiny_task.calibration_batches()))
+    finetune(student, tiny_task, cand)
+    fake, _ = tiny_task.evaluate(student)
+    deployed, _ = tiny_task.evaluate(compile_cpu(lower(student)), fixed_batch=True)
+    teacher, _ = tiny_task.evaluate(tiny_task.model)
+    assert fake > teacher - 15  # a real model, not noise
+    assert abs(fake - deployed) <= 0.5, (fake, deployed)
+
+
 def test_four_bit_weights_stay_in_range(tiny_task):
     cand = Candidate(bits={"layer1.*": 4}, default_bits=32)
     comp = compress(tiny_task.model, cand, tiny_task.example_input)
