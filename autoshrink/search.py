@@ -18,8 +18,8 @@ import io
 import logging
 import math
 import os
-import socket
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +58,127 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def baselines(space: SearchSpace, candidate_defaults: Candidate | None = None) -> list[Candidate]:
+def baselines(space: SearchSpace, candidate_defaults: Candidate | None = None,
+              edge: float | None = None) -> list[Candidate]:
     """The obvious configurations, tried first so a search never ends worse than them:
-    all-int8, and int8 with uniform pruning at 25 % and 50 %."""
+    all-int8, and int8 with uniform pruning at 25 % and 50 %.
+
+    With ``edge`` (the smallest uniform int8 pruning ratio found to meet the budget, see
+    :func:`budget_edge`), the ratios below it are known to miss the budget and are replaced by
+    the edge itself, which is what an engineer would pick by hand: ``edge`` then the fixed ratios
+    above it (at least two baselines: the next step up is a margin for timing noise).
+    """
     base = candidate_defaults or Candidate()
-    out = []
-    for ratio in (0.0, 0.25, 0.5):
-        out.append(
-            Candidate.uniform(
-                bits=8, prune=ratio, temperature=base.kd_temperature, alpha=base.kd_alpha,
-                steps=base.finetune_steps, lr=base.lr, batch_size=base.batch_size,
-                round_to=base.round_to,
-            )
+    ratios = [0.0, 0.25, 0.5]
+    if edge is not None:
+        ratios = [edge] + [r for r in ratios if r > edge + 1e-9]
+        if len(ratios) == 1:
+            ratios.append(min(1.0, edge + 0.125))
+    return [
+        Candidate.uniform(
+            bits=8, prune=ratio, temperature=base.kd_temperature, alpha=base.kd_alpha,
+            steps=base.finetune_steps, lr=base.lr, batch_size=base.batch_size, round_to=base.round_to,
         )
-    return out
+        for ratio in ratios
+    ]
+
+
+def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: _Settings,
+                base: Candidate | None = None) -> dict | None:
+    """The smallest uniform pruning ratio at which the all-int8 model meets ``budget``, by
+    bisection over the space's pruning steps on exact size/MACs and *measured* latency (no
+    fine-tuning: each probe costs one compress-lower-compile-time, a few seconds).
+
+    It turns the fixed baselines into budget-aware ones (the hand-tuned config is tried first)
+    and keeps the search from spending trials on uniform ratios known to miss the budget.
+    Assumes more pruning is never slower, which holds up to timing noise.
+
+    Returns:
+        ``{"prune": ratio, "probes": [[ratio, latency_ms, size_mb, mmacs, meets], ...],
+        "seconds": s, "error": ""}``; ``prune`` is None when no uniform ratio meets the budget
+        or a probe failed (``error`` says why): the fixed baselines are used then. None when the
+        budget sets no limit.
+    """
+    from autoshrink.measure.latency import MachineLock
+    from autoshrink.trial import TrialContext, evaluate
+
+    limits = budget.constraints()
+    if not limits:
+        return None
+    start = time.perf_counter()
+    base = base or _space_defaults(space)
+    ratios = _uniform_ratios(space)
+    probe_budget = Budget(**{**limits, "latency_ms": 1e-9 if "latency_ms" in limits else None})
+    ctx = TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
+                       latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+    probes: list[list] = []
+    seen: dict[float, bool] = {}
+
+    def meets(i: int) -> bool:
+        ratio = ratios[i]
+        if ratio not in seen:
+            cand = _as_sampled(space, baselines(space, base, edge=ratio)[0])
+            r = evaluate(task, cand, probe_budget, ctx)
+            if r.error:
+                raise RuntimeError(r.error)
+            metrics = {"latency_ms": r.latency_ms, "size_mb": r.size_mb, "mmacs": r.mmacs}
+            ok = all(metrics[k] is not None and metrics[k] <= v for k, v in limits.items())
+            seen[ratio] = ok
+            probes.append([ratio, r.latency_ms, r.size_mb, r.mmacs, ok])
+        return seen[ratio]
+
+    edge: float | None = None
+    error = ""
+    try:
+        if meets(0):
+            edge = ratios[0]
+        elif meets(len(ratios) - 1):
+            lo, hi = 0, len(ratios) - 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+            edge = ratios[hi]
+    except Exception as exc:  # noqa: BLE001 - each trial records its own failure; no verdict here
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    return {"prune": edge, "probes": probes, "seconds": round(time.perf_counter() - start, 1),
+            "error": error}
+
+
+def _uniform_ratios(space: SearchSpace) -> list[float]:
+    """The uniform pruning ratios worth telling apart: every rule's pruning steps (eighths for
+    a continuous range), from 0 to the highest ratio any rule allows."""
+    values: set[float] = {0.0}
+    for rule in space.to_dict()["layers"]:
+        knob = rule.get("prune")
+        if isinstance(knob, dict):
+            step = knob.get("step") or 0.125
+            n = math.floor((knob["high"] - knob["low"]) / step + 1e-9)
+            values.update(round(knob["low"] + k * step, 6) for k in range(n + 1))
+            if not knob.get("step"):
+                values.add(round(knob["high"], 6))
+        elif isinstance(knob, list):
+            values.update(float(v) for v in knob)
+        elif isinstance(knob, (int, float)):
+            values.add(float(knob))
+    return sorted(v for v in values if 0.0 <= v < 1.0)
+
+
+def _as_sampled(space: SearchSpace, cand: Candidate) -> Candidate:
+    """``cand`` as the search would run it once enqueued: snapped to the space's choices."""
+    params = space.candidate_params(cand)
+    first = _FirstChoice()
+
+    class _Replay:
+        def suggest_categorical(self, name, choices):
+            return params[name] if name in params else first.suggest_categorical(name, choices)
+
+        def suggest_float(self, name, low, high, step=None, log=False):
+            return params[name] if name in params else first.suggest_float(name, low, high, step, log)
+
+        def suggest_int(self, name, low, high, step=1):
+            return params[name] if name in params else first.suggest_int(name, low, high, step)
+
+    return space.sample(_Replay())
 
 
 @dataclass
@@ -391,10 +498,9 @@ def search(
         >>> result.best                                                        # doctest: +SKIP
     """
     _env.configure()
-    import optuna
 
     from autoshrink.compress.quantize import quantizable_layers
-    from autoshrink.result import SearchResult, load
+    from autoshrink.result import load
 
     budget = budget or Budget()
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -419,9 +525,9 @@ def search(
                          latency_runs=latency_runs, eval_every=0, seed=seed, lock_dir=None)
     if not resume:  # a resumed study passed these checks when it began
         _check_exportable(task)
-    _check_reachable(task, space, budget, settings,
-                     # on a cluster, latency may be timed on a target node, not here
-                     latency=not resume and ray_address is None and latency_runs > 0)
+    # on a cluster, latency may be timed on a target node, not here
+    time_here = not resume and ray_address is None and latency_runs > 0
+    _check_reachable(task, space, budget, settings, latency=time_here)
     study = _open_study(storage, study_name, sampler_obj, resume, out_dir, space, join)
 
     driver = _Driver(task, space, budget, study, out_dir, workers, settings,
@@ -429,7 +535,16 @@ def search(
     driver.record_meta(sampler=sampler, seed=seed, trials=trials, max_drop=max_drop)
     requeue = driver.fail_interrupted()
     if enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not resume:
-        for cand in baselines(space, _space_defaults(space))[:trials]:  # a queued one left over would stay WAITING
+        edge = None
+        if time_here and budget.latency_ms is not None:
+            found = budget_edge(task, space, budget, settings)
+            study.set_user_attr("budget_edge", found)
+            edge = found and found["prune"]
+            if edge is not None and progress:
+                print(f"budget edge: uniform int8 pruned {edge:.1%} meets {budget.describe()} "
+                      f"({len(found['probes'])} probes, {found['seconds']:.0f} s); tried first")
+        for cand in baselines(space, _space_defaults(space), edge)[:trials]:
+            # (more would stay WAITING in the study)
             study.enqueue_trial(space.candidate_params(cand), skip_if_exists=True)
     for number, params in requeue:
         study.enqueue_trial(params, user_attrs={"rerun_of": number})
@@ -447,19 +562,23 @@ def search(
     return result
 
 
+class _FirstChoice:
+    """A stand-in trial that answers every suggestion with the knob's first choice (a range:
+    its middle, geometric for a log range; an integer range: its low end)."""
+
+    def suggest_categorical(self, name, choices):
+        return choices[0]
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        return math.sqrt(low * high) if log else (low + high) / 2
+
+    def suggest_int(self, name, low, high, step=1):
+        return low
+
+
 def _space_defaults(space: SearchSpace) -> Candidate:
-    # the space's own fine-tune settings at their first choice / low end, for the baselines
-    class _First:
-        def suggest_categorical(self, name, choices):
-            return choices[0]
-
-        def suggest_float(self, name, low, high, step=None, log=False):
-            return math.sqrt(low * high) if log else (low + high) / 2
-
-        def suggest_int(self, name, low, high, step=1):
-            return low
-
-    return space.sample(_First())
+    """The space's own fine-tune settings at their first choice, for the baselines."""
+    return space.sample(_FirstChoice())
 
 
 class _Driver:
@@ -628,9 +747,9 @@ class _Driver:
         import optuna
         import ray
 
+        from autoshrink._progress import ProgressView
         from autoshrink._worker import Rungs, run_trial
         from autoshrink.compress.distill import teacher_logits
-        from autoshrink._progress import ProgressView
 
         if self._committed() >= total:
             return
@@ -738,7 +857,7 @@ class _Driver:
             accuracy = m.get("accuracy") if not violations else None
             latency = m.get("latency_ms")
             values = [accuracy if accuracy is not None else 0.0,
-                      latency if latency is not None else float(1e9)]
+                      latency if latency is not None else 1e9]
             self.study.tell(trial, values)
         if state != "COMPLETE" or violations:
             (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)

@@ -239,3 +239,59 @@ def test_search_caps_a_grid_at_its_size(mini_task, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ash.search(mini_task, space, BUDGET, trials=50, workers=1, out=tmp_path, sampler="grid", progress=False)
     assert seen["total"] == 2 + 3
+
+
+# -- the budget edge: the hand-tuned baseline, found before the search -------------------------------
+def _edge_space() -> SearchSpace:
+    return SearchSpace.from_dict({
+        "layers": [{"name": "stem", "pattern": "conv1", "bits": [8, 32]},
+                   {"name": "body", "pattern": "conv2", "bits": [4, 8],
+                    "prune": {"low": 0.0, "high": 0.75, "step": 0.125}},
+                   {"name": "head", "pattern": "fc", "bits": [8, 32], "prune": [0.0, 0.5]}],
+        "finetune": {"steps": [10, 20], "lr": {"low": 0.001, "high": 0.01, "log": True}},
+    }, source="edge.yaml").bind(["conv1", "conv2", "fc"])
+
+
+def test_uniform_ratios_are_every_rules_pruning_steps():
+    from autoshrink.search import _uniform_ratios
+
+    assert _uniform_ratios(_edge_space()) == [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+
+
+@pytest.mark.parametrize("budget_ms, edge", [(9.0, 0.0), (7.5, 0.25), (6.1, 0.75), (5.0, None)])
+def test_budget_edge_bisects_to_the_smallest_uniform_ratio_that_meets_the_budget(monkeypatch, budget_ms, edge):
+    import autoshrink.trial as trial_mod
+    from autoshrink.search import _Settings, budget_edge
+
+    timed = []
+
+    def fake_evaluate(task, cand, budget, ctx):  # latency falls with pruning: 8 ms unpruned, 6 at 75 %
+        ratio = cand.prune_for("conv2")
+        timed.append(ratio)
+        return trial_mod.TrialResult(latency_ms=8.0 - 8 / 3 * ratio, size_mb=1.0, mmacs=10.0)
+
+    monkeypatch.setattr(trial_mod, "evaluate", fake_evaluate)
+    settings = _Settings(threads=1, latency_threads=1, latency_runs=5, eval_every=0, seed=0, lock_dir=None)
+    found = budget_edge(None, _edge_space(), Budget(latency_ms=budget_ms), settings)
+    assert found["prune"] == edge and not found["error"]
+    if edge is None:
+        assert timed == [0.0, 0.75]  # even the most pruned misses: the fixed baselines are used
+        return
+    assert len(timed) == len(set(timed)) <= 5  # bisection: each ratio once, both ends + log2(6)
+    for ratio, latency, _, _, ok in found["probes"]:
+        assert ok == (latency <= budget_ms) and ok == (ratio >= edge)
+
+
+def test_baselines_start_at_the_budget_edge():
+    space = _edge_space()
+
+    def ratios(edge):
+        return [c.default_prune for c in baselines(space, _space_defaults(space), edge)]
+
+    assert ratios(None) == [0.0, 0.25, 0.5]
+    assert ratios(0.0) == [0.0, 0.25, 0.5]
+    assert ratios(0.375) == [0.375, 0.5]
+    assert ratios(0.625) == [0.625, 0.75]  # the next step up: a margin for timing noise
+    # the enqueued parameters are the space's own values (the head's pruning snaps to its choices)
+    params = space.candidate_params(baselines(space, _space_defaults(space), 0.375)[0])
+    assert params["prune.body"] == 0.375 and params["prune.head"] == 0.5

@@ -79,3 +79,24 @@ def test_load_reopens_the_same_result(run):
     pd.testing.assert_frame_equal(again.trials, result.trials)
     assert again.teacher["accuracy"] == pytest.approx(result.teacher["accuracy"])
     assert again.teacher["latency_ms"] > 0
+
+
+def test_the_budget_edge_is_tried_first(run, tiny_space):
+    # before the search, uniform int8 pruning ratios are measured (no fine-tuning) to find the
+    # smallest one that meets the budget: the hand-tuned baseline, enqueued first
+    import optuna
+
+    from autoshrink.search import _space_defaults, baselines
+
+    result, out = run
+    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{out / 'study.db'}")
+    found = study.user_attrs["budget_edge"]
+    assert not found["error"] and found["probes"]
+    for ratio, latency, size, _, ok in found["probes"]:
+        # a probe over the size limit is not timed: it cannot meet the budget at any speed
+        assert (latency is None) == (size > 0.0125)
+        assert ok == (size <= 0.0125 and latency <= 50.0)
+        assert ok == (found["prune"] is not None and ratio >= found["prune"])
+    first = result.trials.sort_values("number").iloc[0]
+    params = tiny_space.candidate_params(baselines(tiny_space, _space_defaults(tiny_space), found["prune"])[0])
+    assert {k: first[f"param_{k}"] for k in params} == params
