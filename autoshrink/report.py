@@ -12,11 +12,9 @@ Every file is written to a temporary name in the target folder first and then mo
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from autoshrink._files import atomic_path
 from autoshrink.frontier import Direction, feasible, pareto_front
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -154,23 +153,6 @@ def _default_direction(col: str) -> Direction:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write ``df`` as CSV (without the index) through a temporary file and ``os.replace``.
 
@@ -187,13 +169,13 @@ def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         >>> write_csv_atomic(pd.DataFrame({"number": [0, 1]}), out).read_text().splitlines()
         ['number', '0', '1']
     """
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
 
 
 def _write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -415,7 +397,7 @@ def plot_pareto(
         df, x=x, y=y, constraints=constraints, chosen=chosen, teacher=teacher,
         objectives=objectives,
     )
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         _render_matplotlib(data, tmp)
     return Path(path)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from autoshrink._files import atomic_path, write_text_atomic
 from autoshrink.budget import Budget
 
 __all__ = ["SearchResult", "load", "measure_teacher", "trials_frame"]
@@ -216,24 +217,18 @@ class SearchResult:
                 "only fine-tuned trials that met the budget are saved"
             )
         dest = Path(path)
-        dest.mkdir(parents=True, exist_ok=True)
-        tmp = dest / f".model.pt2.tmp{os.getpid()}"
-        try:
+        with atomic_path(dest / "model.pt2") as tmp:
             shutil.copyfile(src, tmp)
-            os.replace(tmp, dest / "model.pt2")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _write(dest / "candidate.json", self.candidate(number).to_json())
+        write_text_atomic(dest / "candidate.json", self.candidate(number).to_json())
         metrics = {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
-        _write(dest / "metrics.json", json.dumps(
+        write_text_atomic(dest / "metrics.json", json.dumps(
             {"trial": metrics, "teacher": self.teacher, "budget": self.budget.constraints(),
              "layers": self.layer_plan(number)}, indent=2, default=str))
         if onnx:  # before the README, which then names model.onnx only if it was written
             from autoshrink.export import to_onnx
 
             to_onnx(dest / "model.pt2", dest / "model.onnx")
-        _write(dest / "README.md", _export_readme(number, metrics, self.teacher, onnx=onnx))
+        write_text_atomic(dest / "README.md", _export_readme(number, metrics, self.teacher, onnx=onnx))
         return dest
 
     def write(self) -> dict[str, Path]:
@@ -265,17 +260,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def _write(path: Path, text: str) -> None:
-    """Write through a temporary name and ``os.replace``: ``path`` is whole or untouched."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _export_readme(number: int, m: dict, teacher: dict, onnx: bool = False) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from autoshrink import _env
+from autoshrink._files import write_text_atomic
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.space import SearchSpace
@@ -861,9 +862,7 @@ class _Driver:
             self.study.tell(trial, values)
         if state != "COMPLETE" or violations:
             (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)
-        cand_path = self.out / "trials" / f"{trial.number:04d}" / "candidate.json"
-        cand_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cand_path, cand.to_json())
+        write_text_atomic(self.out / "trials" / f"{trial.number:04d}" / "candidate.json", cand.to_json())
 
 
 _DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -935,16 +934,6 @@ def _ship_user_code_by_value(task) -> None:
             cloudpickle.register_pickle_by_value(module)
         except ValueError:  # already registered, or not a module cloudpickle accepts
             pass
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _ray_reason(exc: BaseException) -> str:

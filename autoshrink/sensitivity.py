@@ -23,7 +23,6 @@ import contextlib
 import fnmatch
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from autoshrink._files import atomic_path
 from autoshrink.candidate import ALLOWED_BITS, Candidate
 
 if TYPE_CHECKING:
@@ -381,19 +381,9 @@ def plot_sensitivity(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         limit = df.attrs.get("limit")
         on = f"first {limit}" if limit else "all"
         title += f"\nteacher accuracy {teacher:.2f} ({on} validation samples)"
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        _render_heatmap(matrix, title, Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
+    with atomic_path(path) as tmp:
+        _render_heatmap(matrix, title, tmp)
+    return Path(path)
 
 
 def _render_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> None:

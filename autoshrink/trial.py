@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from autoshrink._files import atomic_path
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.compress import Compressed, compress
@@ -253,9 +253,8 @@ def save_deployable(lowered: torch.nn.Module, example_input: torch.Tensor, path:
     ep = torch.export.export(
         lowered, (_batch_of_two(example_input),), dynamic_shapes=({0: batch},), strict=False
     )
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    torch.export.save(ep, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.export.save(ep, tmp)
     return path
 
 

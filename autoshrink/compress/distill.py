@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from autoshrink._files import atomic_path
 from autoshrink.candidate import Candidate
 from autoshrink.compress.quantize import set_eval, set_train
 from autoshrink.task import Task
@@ -90,10 +90,8 @@ def teacher_logits(
             out.append(teacher(x).float())
     logits = torch.cat(out)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(logits, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(logits, tmp)
     return logits
 
 

@@ -125,10 +125,9 @@ class LatencyPredictor:
         return self.table[key]
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.table, indent=0, sort_keys=True))
-        os.replace(tmp, self.path)
+        from autoshrink._files import write_text_atomic
+
+        write_text_atomic(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
     def _time(self, model: nn.Module, x: torch.Tensor) -> float:
         from autoshrink.compress.quantize import compile_cpu

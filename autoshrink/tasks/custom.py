@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from autoshrink._files import atomic_path
 from autoshrink.data import SCHEMES, ImageData, load_data, read_cifar10
 from autoshrink.task import Task, TaskError
 
@@ -381,11 +382,9 @@ def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress
                             "first use only, cached)")
         probe = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0))
         accuracy, _ = probe.evaluate(teacher)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"model": teacher.state_dict(), "accuracy": accuracy,
-                    "train_s": time.perf_counter() - start}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"model": teacher.state_dict(), "accuracy": accuracy,
+                        "train_s": time.perf_counter() - start}, tmp)
     return Task(
         model=teacher.eval(),
         train_data=data.train,

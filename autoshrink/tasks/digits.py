@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from autoshrink._env import cache_dir
+from autoshrink._files import atomic_path
 from autoshrink.task import Task, TaskError
 
 __all__ = ["DigitsData", "digits_data", "digits_task", "train_teacher"]
@@ -206,13 +207,11 @@ def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progre
     else:
         start = time.perf_counter()
         train_teacher(teacher, data, epochs=epochs, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
         task = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0))
         meta_acc, _ = task.evaluate(teacher)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"model": teacher.state_dict(), "accuracy": meta_acc,
-                    "train_s": time.perf_counter() - start}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"model": teacher.state_dict(), "accuracy": meta_acc,
+                        "train_s": time.perf_counter() - start}, tmp)
     teacher.eval()
     return Task(
         model=teacher,
