@@ -5,8 +5,9 @@ record of every trial: its parameters, metrics, state and failure reason. The dr
 Optuna's ask/tell interface and keeps ``workers`` Ray tasks in flight; this costs ~0.03 s per
 trial (Ray Tune would add ~1 s per trial and a second record to keep consistent).
 
-Objectives: maximise accuracy, minimise latency; the budget is a constraint (Optuna's
-``constraints_func``), so TPE/NSGA-II learn where the feasible region is. A candidate that misses
+Objectives: maximise accuracy, minimise latency; the budget is a constraint (each trial's
+relative excess over each limit, ``Trial.set_constraint``), so TPE/NSGA-II learn where the
+feasible region is. A candidate that misses
 the budget is never fine-tuned; it is recorded with its measured cost and an accuracy of 0 for
 the sampler (NaN in ``trials.csv``: it was not measured).
 """
@@ -494,8 +495,9 @@ def search(
         SpaceError: a space that does not fit the model, or a continuous knob with ``sampler="grid"``.
 
     Example:
-        >>> import autoshrink as ash                                          # doctest: +SKIP
-        >>> result = ash.search(ash.tasks.get("digits"), None, ash.Budget(latency_ms=5), trials=12)
+        >>> import autoshrink as ash
+        >>> task = ash.tasks.get("digits")                                     # doctest: +SKIP
+        >>> result = ash.search(task, None, ash.Budget(latency_ms=5), trials=12)  # doctest: +SKIP
         >>> result.best                                                        # doctest: +SKIP
     """
     _env.configure()

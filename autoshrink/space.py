@@ -254,9 +254,10 @@ class SearchSpace:
     against a model; :meth:`sample` draws a :class:`Candidate` from an Optuna trial.
 
     Example:
-        >>> space = SearchSpace.from_dict({"layers": [{"pattern": "*", "bits": [8, 32]}]})
-        >>> space.param_names()
-        ['bits.*', 'kd_temperature', 'kd_alpha', 'finetune_steps', 'lr']
+        >>> space = SearchSpace.from_dict({"layers": [{"pattern": "*", "bits": [8, 32]}],
+        ...                                "distill": {"alpha": {"low": 0.3, "high": 0.9}}})
+        >>> space.param_names()  # what Optuna samples; knobs with one value are fixed
+        ['bits.*', 'kd_alpha']
     """
 
     def __init__(self, spec: _SpaceModel, source: str = "<dict>") -> None:
