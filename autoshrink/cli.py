@@ -129,7 +129,7 @@ def _cmd_search(args) -> int:
         from autoshrink.search import check_run_folder
 
         check_run_folder(args.out, resume=args.resume, storage=args.storage,
-                         study_name=args.study_name, space=space)
+                         study_name=args.study_name, space=space, budget=budget)
     task = _build_task(args)
     result = ash.search(
         task, space, budget, trials=args.trials, workers=args.workers, out=args.out,

@@ -257,7 +257,7 @@ def _storage(url: str):
 
 
 def _check_study(storage, study_name: str, resume: bool, out: Path, space: SearchSpace | None,
-                 join: bool) -> None:
+                 join: bool, budget: Budget | None = None) -> None:
     """The checks :func:`search` makes on an existing storage, without changing it."""
     import optuna
 
@@ -285,6 +285,14 @@ def _check_study(storage, study_name: str, resume: bool, out: Path, space: Searc
             f"search space ({study.user_attrs.get('space_source')}, now {space.source}); "
             "use the same space or a new --out"
         )
+    before = study.user_attrs.get("budget")
+    if budget is not None and before is not None and before != budget.constraints():
+        # trials told to the sampler as (in)feasible under one budget would mislead it under another
+        raise SearchError(
+            f"{'--resume: ' if resume else ''}the study in {str(out)!r} was made with the budget "
+            f"{Budget(**before).describe()}, now {budget.describe()}; use the same budget or a new "
+            "--out (its trials stay: `autoshrink show` lists them with their measured costs)"
+        )
 
 
 def check_run_folder(
@@ -294,10 +302,12 @@ def check_run_folder(
     storage: str | None = None,
     study_name: str = "autoshrink",
     space: SearchSpace | None = None,
+    budget: Budget | None = None,
 ) -> Path:
     """Check a run folder as :func:`search` will, before any model is built (a built-in task
     may train its teacher for minutes first): the folder is writable, ``resume`` finds its
-    study, made with the same ``space``, and a new search does not overwrite an old one.
+    study, made with the same ``space`` and ``budget``, and a new search does not overwrite an
+    old one.
 
     Returns:
         The run folder (created if it did not exist).
@@ -322,16 +332,16 @@ def check_run_folder(
     if storage is None and not (path / "study.db").is_file():
         return path  # a new run folder: nothing more to check
     url = storage or f"sqlite:///{(path / 'study.db').resolve()}"
-    _check_study(_storage(url), study_name, resume, path, space, join=storage is not None)
+    _check_study(_storage(url), study_name, resume, path, space, join=storage is not None, budget=budget)
     return path
 
 
 def _open_study(storage: str, study_name: str, sampler, resume: bool, out: Path,
-                space: SearchSpace | None, join: bool = False):
+                space: SearchSpace | None, join: bool = False, budget: Budget | None = None):
     import optuna
 
     store = _storage(storage)
-    _check_study(store, study_name, resume, out, space, join)
+    _check_study(store, study_name, resume, out, space, join, budget)
     return optuna.create_study(
         storage=store, study_name=study_name, sampler=sampler,
         directions=["maximize", "minimize"], load_if_exists=True,
@@ -516,7 +526,7 @@ def search(
         space = SearchSpace.from_yaml(space)
     space = space.bind(quantizable_layers(task.model))
     out_dir = check_run_folder(out, resume=resume, storage=storage, study_name=study_name,
-                               space=space)
+                               space=space, budget=budget)
     join = storage is not None  # drivers sharing an explicit storage join one study
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     workers = workers or default_workers()
@@ -531,7 +541,7 @@ def search(
     # on a cluster, latency may be timed on a target node, not here
     time_here = not resume and ray_address is None and latency_runs > 0
     _check_reachable(task, space, budget, settings, latency=time_here)
-    study = _open_study(storage, study_name, sampler_obj, resume, out_dir, space, join)
+    study = _open_study(storage, study_name, sampler_obj, resume, out_dir, space, join, budget)
 
     driver = _Driver(task, space, budget, study, out_dir, workers, settings,
                      ray_address, early_stopping, progress, latency_target=latency_target)

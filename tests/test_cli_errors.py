@@ -26,7 +26,7 @@ finetune: {steps: 10, lr: 0.01, batch_size: 32}
 """
 
 
-def _study(folder, *, fingerprint: str | None = None, trials: int = 1):
+def _study(folder, *, fingerprint: str | None = None, trials: int = 1, budget: dict | None = None):
     """A run folder holding a study with ``trials`` COMPLETE trials (no saved models)."""
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -35,6 +35,8 @@ def _study(folder, *, fingerprint: str | None = None, trials: int = 1):
     if fingerprint is not None:
         study.set_user_attr("space_fingerprint", fingerprint)
         study.set_user_attr("space_source", "old.yaml")
+    if budget is not None:
+        study.set_user_attr("budget", budget)
     for _ in range(trials):
         t = study.ask()
         for key, value in {"accuracy": 90.0, "latency_ms": 1.0, "size_mb": 0.1,
@@ -110,6 +112,10 @@ CASES = [
                                       "--space", _file(d / "tiny.yaml", TINY_SPACE)],
      r"--resume: the study in '.*run' was made with a different search space \(old\.yaml, now "
      r".*tiny\.yaml\); use the same space or a new --out"),
+    ("resume-other-budget", lambda d: ["search", "--budget-ms", "4", "--resume",
+                                       "--out", str(_study(d / "run", budget={"latency_ms": 5.0}))],
+     r"--resume: the study in '.*run' was made with the budget latency <= 5 ms, now latency <= 4 ms; "
+     r"use the same budget or a new --out"),
     ("out-holds-a-search", lambda d: ["search", "--budget-ms", "5", "--out", str(_study(d / "run"))],
      r"'.*run' already holds a search \(1 trial\); pass --resume to continue it or choose another --out"),
     ("out-not-writable", lambda d: ["search", "--budget-ms", "5",
