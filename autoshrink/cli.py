@@ -145,7 +145,7 @@ def _cmd_search(args) -> int:
 def _print_summary(result, front_table, plan_table) -> None:
     from rich.console import Console
 
-    from autoshrink.report import chosen_table, nearest_table
+    from autoshrink.report import baseline_text, chosen_table, nearest_table
 
     console = Console()
     df = result.trials
@@ -176,6 +176,8 @@ def _print_summary(result, front_table, plan_table) -> None:
             console.print(f"configuration: {result.candidate(n).summary()}", highlight=False)
         except KeyError:
             pass
+        if result.baseline is not None:
+            console.print(baseline_text(best, *result.baseline), highlight=False)
         plan = result.layer_plan(n)
         if plan:
             console.print(plan_table(plan, title=f"Compression plan of trial #{n}"))

@@ -1201,6 +1201,7 @@ def write_report_md(
     constraints: Mapping[str, float | None] | None,
     plot_name: str = "pareto.png",
     nearest: pd.DataFrame | None = None,
+    baseline: tuple[pd.Series, str] | None = None,
 ) -> Path:
     """Write a Markdown report: budget, teacher, chosen model and its gains, the front, the plot.
 
@@ -1217,6 +1218,8 @@ def write_report_md(
         constraints: column -> upper limit.
         plot_name: the plot's path relative to the report (linked as an image).
         nearest: the trials closest to the budget, shown when nothing meets it.
+        baseline: the hand baseline's row and a description (see
+            :attr:`autoshrink.SearchResult.baseline`): the chosen model is compared with it.
 
     Returns:
         The path written.
@@ -1252,6 +1255,8 @@ def write_report_md(
 
     if chosen is not None:
         out += _chosen_section(chosen, teacher, metrics)
+        if baseline is not None:
+            out += [baseline_text(chosen, *baseline), ""]
     else:
         out += _nothing_meets_section(limits, nearest)
 
@@ -1266,6 +1271,25 @@ def write_report_md(
         out.append(_md_table(headers, rows, right))
     out += ["", f"![Pareto front: accuracy vs latency of every trial]({plot_name})", ""]
     return _write_text_atomic(path, "\n".join(out))
+
+
+def baseline_text(chosen: pd.Series, baseline: pd.Series, how: str) -> str:
+    """One sentence: the chosen trial against the hand baseline (accuracy and latency).
+
+    Example:
+        >>> baseline_text(pd.Series({"number": 7, "accuracy": 94.5, "latency_ms": 1.4}),
+        ...               pd.Series({"number": 0, "accuracy": 93.9, "latency_ms": 1.36}), "uniform int8")
+        'Against the hand baseline (trial #0, uniform int8): +0.60 points, 1.36 → 1.40 ms.'
+    """
+    if int(chosen.get("number")) == int(baseline.get("number")):
+        return (f"The chosen model is the hand baseline ({how}): no trial of this search beat it. "
+                "More trials may.")
+    gain = float(chosen["accuracy"]) - float(baseline["accuracy"])
+    text = f"Against the hand baseline (trial #{int(baseline['number'])}, {how}): {gain:+.2f} points"
+    lb, lc = _number(baseline.get("latency_ms")), _number(chosen.get("latency_ms"))
+    if lb is not None and lc is not None:
+        text += f", {lb:.2f} → {lc:.2f} ms"
+    return text + "."
 
 
 def _chosen_section(chosen: pd.Series, teacher: Mapping[str, Any], metrics: list[str]) -> list[str]:

@@ -142,6 +142,23 @@ class SearchResult:
             reference_accuracy=self.teacher.get("accuracy"),
         )
 
+    @property
+    def baseline(self) -> tuple[pd.Series, str] | None:
+        """The hand baseline and how it was made: uniform int8 at the smallest uniform pruning
+        ratio found to meet the budget before the search (``budget_edge``), tried as trial 0.
+        None when no such trial exists or it did not complete within the budget."""
+        edge = (self.meta.get("budget_edge") or {}).get("prune")
+        if edge is None or self.trials.empty:
+            return None
+        rows = self.trials[self.trials["number"] == 0]
+        if rows.empty:
+            return None
+        row = rows.iloc[0]
+        if row.get("state") != "COMPLETE" or not row.get("meets_budget") == True or pd.isna(row.get("accuracy")):  # noqa: E712
+            return None
+        how = "unpruned" if edge == 0 else f"pruned {edge:.1%}"
+        return row, f"uniform int8, {how}: the least uniform pruning that meets the budget"
+
     def nearest(self, k: int = 3) -> pd.DataFrame:
         """When nothing meets the budget: the trials closest to it."""
         from autoshrink.frontier import nearest_feasible
@@ -249,7 +266,7 @@ class SearchResult:
         write_report_md(
             files["report"], teacher=self.teacher, chosen=best, front=self.frontier,
             constraints=self.budget.constraints(), plot_name="pareto.png",
-            nearest=self.nearest() if best is None else None,
+            nearest=self.nearest() if best is None else None, baseline=self.baseline,
         )
         return files
 

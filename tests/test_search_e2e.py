@@ -100,3 +100,13 @@ def test_the_budget_edge_is_tried_first(run, tiny_space):
     first = result.trials.sort_values("number").iloc[0]
     params = tiny_space.candidate_params(baselines(tiny_space, _space_defaults(tiny_space), found["prune"])[0])
     assert {k: first[f"param_{k}"] for k in params} == params
+
+
+def test_the_report_compares_the_choice_with_the_hand_baseline(run):
+    result, out = run
+    assert result.baseline is not None, result.trials[["number", "state", "meets_budget", "error"]]
+    row, how = result.baseline
+    assert row["number"] == 0 and how.startswith("uniform int8")
+    text = (out / "report.md").read_text()
+    if result.best is not None:
+        assert "hand baseline (trial #0, uniform int8" in text or "is the hand baseline (uniform int8" in text
