@@ -45,7 +45,9 @@ class ProgressView:
         if self.progress is not None:
             self.progress.console.print(f"[dim]trial {number}: {candidate.summary()}[/dim]")
 
-    def finished(self, number: int, m: dict, budget: Budget) -> None:
+    def finished(self, number: int, m: dict, budget: Budget, *, done: int | None = None) -> None:
+        """Print trial ``number``'s outcome; ``done``: trials that now count towards the total
+        (an over-budget candidate may not count), default one more than before."""
         state = m.get("state", "FAIL")
         acc, lat = m.get("accuracy"), m.get("latency_ms")
         feasible = m.get("meets_budget")
@@ -65,12 +67,17 @@ class ProgressView:
             over = budget.violations({k: m[k] for k in ("latency_ms", "size_mb", "mmacs") if m.get(k) is not None})
             why = ", ".join(f"{k} +{v:.0%}" for k, v in over.items())
             line = f"[dim]trial {number} misses the budget ({why}): {lat_s}, {size_s}; not fine-tuned[/dim]"
+            if done is not None and done == self.progress.tasks[0].completed:
+                line = line[:-len("[/dim]")] + ", not counted[/dim]"
         else:
             line = (f"[green]trial {number}[/green]: accuracy {acc:.2f} % · {lat_s} · {size_s} · "
                     f"fine-tune {m.get('finetune_s', 0):.0f} s")
         self.progress.console.print(line)
         best = "none yet" if self.best is None else f"#{self.best[2]} {self.best[0]:.2f} % @ {self.best[1]:.2f} ms"
-        self.progress.update(self.task, advance=1, best=best)
+        if done is None:
+            self.progress.update(self.task, advance=1, best=best)
+        else:
+            self.progress.update(self.task, completed=done, best=best)
 
     def note(self, text: str) -> None:
         if self.progress is not None:

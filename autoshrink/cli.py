@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="accuracy-constraint mode: the fastest model within this many points of the teacher")
     s.add_argument("--task", default=None, help="built-in task (default: digits)")
     s.add_argument("--space", default=None, help="search space YAML (default: the bundled default.yaml)")
-    s.add_argument("--trials", type=_positive(int), default=12, help="trials in total (default 12)")
+    s.add_argument("--trials", type=_positive(int), default=12,
+                   help="candidates to fine-tune (default 12); those that miss the budget are "
+                        "measured and recorded but not counted (up to 4x --trials of them)")
     s.add_argument("--workers", type=_positive(int), default=None, help="trials at once (default: cores/2)")
     s.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the search in --out")

@@ -1053,7 +1053,7 @@ def plan_table(layers: Sequence[Mapping[str, Any]], *, title: str = "Compression
         if share is None:
             share_cell = "—"
         else:
-            width = round(16 * share / largest) if largest > 0 else 0
+            width = round(10 * share / largest) if largest > 0 else 0  # fits 80 columns
             share_cell = f"{100.0 * share:5.1f}% " + "█" * width
         row = [str(layer["layer"]), bits_cell, channels, kept]
         if show_macs:

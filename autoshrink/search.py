@@ -40,6 +40,10 @@ INTERRUPTED = "interrupted: the driver stopped before this trial finished (re-ru
 SURPLUS = "not run: the study already had its trials (another driver sharing it asked first)"
 # trials that do not count towards the total: re-run on resume, or never run at all
 NOT_COUNTED = (INTERRUPTED, SURPLUS)
+# `trials` counts fine-tuned candidates: those the budget gate rejects (measured in seconds,
+# never fine-tuned) do not count, up to this many per trial asked for (then they count, so a
+# space that is nearly all over budget still ends)
+SCREEN_FACTOR = 4
 # a cheapest configuration this much slower than the latency budget stops the search early
 # (timing noise between two compilations of one model stays well within it)
 LATENCY_PRECHECK_TOLERANCE = 1.25
@@ -462,6 +466,7 @@ def search(
     progress: bool = True,
     max_drop: float | None = None,
     latency_target: str | None = None,
+    screening: bool = True,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -469,7 +474,9 @@ def search(
         task: teacher, data and metric (e.g. ``autoshrink.tasks.get("digits")``).
         space: a :class:`SearchSpace`, a YAML path, or None for the bundled default.
         budget: hardware limits (default: no limits).
-        trials: total trials in the study (a resumed study counts its finished trials).
+        trials: candidates to fine-tune in the study (a resumed study counts its finished
+            trials). A candidate that misses the budget is measured (seconds), recorded and not
+            fine-tuned; with ``screening`` it does not count, up to ``4 × trials`` of them.
         workers: trials in flight at once (default: :func:`default_workers`).
         out: run folder (default ``runs/<timestamp>``).
         resume: continue the study in ``out`` (interrupted trials are failed and re-run).
@@ -492,6 +499,8 @@ def search(
         progress: show a progress bar.
         max_drop: accuracy-constraint mode: pick the fastest trial within this many points of
             the teacher.
+        screening: do not count candidates that miss the budget towards ``trials`` (see
+            there); False: every candidate counts. Off for ``sampler="grid"`` (each point once).
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -543,8 +552,11 @@ def search(
     _check_reachable(task, space, budget, settings, latency=time_here)
     study = _open_study(storage, study_name, sampler_obj, resume, out_dir, space, join, budget)
 
+    # a grid is walked point by point: every point counts, met or missed
+    screen_limit = 0 if hasattr(sampler_obj, "size") or not screening else SCREEN_FACTOR * trials
     driver = _Driver(task, space, budget, study, out_dir, workers, settings,
-                     ray_address, early_stopping, progress, latency_target=latency_target)
+                     ray_address, early_stopping, progress, latency_target=latency_target,
+                     screen_limit=screen_limit)
     driver.record_meta(sampler=sampler, seed=seed, trials=trials, max_drop=max_drop)
     requeue = driver.fail_interrupted()
     if enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not resume:
@@ -598,8 +610,11 @@ class _Driver:
     """Keeps ``workers`` trials in flight, records every outcome in the study."""
 
     def __init__(self, task, space, budget, study, out, workers, settings, ray_address,
-                 early_stopping, progress, *, latency_target: str | None = None) -> None:
+                 early_stopping, progress, *, latency_target: str | None = None,
+                 screen_limit: int = 0) -> None:
         self.latency_target = latency_target
+        # over-budget candidates (never fine-tuned) not counted towards the total, at most
+        self.screen_limit = screen_limit
         self.task, self.space, self.budget, self.study = task, space, budget, study
         self.out, self.workers, self.settings = out, workers, settings
         self.ray_address, self.early_stopping, self.show_progress = ray_address, early_stopping, progress
@@ -654,40 +669,35 @@ class _Driver:
                 requeue.append((t.number, params))
         return requeue
 
-    def _committed(self) -> int:
-        """Trials that count towards the total: finished ones and those running anywhere
-        (several drivers may share the study), but not the interrupted ones."""
+    def _count(self, *, running: bool = True, before: int | None = None) -> int:
+        """Trials that count towards the total (in storage order, below trial ``before`` if
+        given): finished ones and, with ``running``, those running anywhere (several drivers
+        may share the study); not the interrupted or surplus ones, nor the first
+        ``screen_limit`` candidates the budget gate rejected."""
         import optuna
 
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
-        return sum(
-            1 for t in self.study.get_trials(deepcopy=False, states=states)
-            if t.user_attrs.get("error") not in NOT_COUNTED
-        )
+        states = [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.FAIL] + ([optuna.trial.TrialState.RUNNING] if running else [])
+        counted = [
+            t for t in self.study.get_trials(deepcopy=False, states=tuple(states))
+            if t.user_attrs.get("error") not in NOT_COUNTED and (before is None or t.number < before)
+        ]
+        screened = sum(1 for t in counted if _screened(t))
+        return len(counted) - min(screened, self.screen_limit)
+
+    def _committed(self) -> int:
+        return self._count()
 
     def _surplus(self, number: int, total: int) -> bool:
         """True if trial ``number`` is beyond the total: drivers sharing a study may both see
         room for one more trial and both ask; the lower trial numbers (storage order) win."""
-        import optuna
-
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
-        earlier = sum(
-            1 for t in self.study.get_trials(deepcopy=False, states=states)
-            if t.number < number and t.user_attrs.get("error") not in NOT_COUNTED
-        )
-        return earlier >= total
+        return self._count(before=number) >= total
 
     def _finished(self) -> int:
-        import optuna
+        return self._count(running=False)
 
-        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                optuna.trial.TrialState.FAIL)
-        return sum(
-            1 for t in self.study.get_trials(deepcopy=False, states=done)
-            if t.user_attrs.get("error") not in NOT_COUNTED
-        )
+    def _screens_left(self) -> int:
+        return self.screen_limit - sum(1 for t in self.study.get_trials(deepcopy=False) if _screened(t))
 
     # -- ray ----------------------------------------------------------------------------------------
     def _start_ray(self) -> None:
@@ -821,7 +831,7 @@ class _Driver:
                     except Exception as exc:  # worker died (OOM killer, kill -9, node lost)
                         metrics = {"state": "FAIL", "error": _ray_reason(exc)}
                     self._tell(trial, cand, metrics)
-                    view.finished(trial.number, metrics, self.budget)
+                    view.finished(trial.number, metrics, self.budget, done=self._finished())
         except KeyboardInterrupt:
             self._stop = self.interrupted = True
             view.note("interrupted: stopping, recording what is done")
@@ -920,6 +930,15 @@ def _driver_alive(driver: str | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _screened(t) -> bool:
+    """A trial the budget gate rejected: measured, over budget, never fine-tuned."""
+    import optuna
+
+    a = t.user_attrs
+    return (t.state == optuna.trial.TrialState.COMPLETE and a.get("meets_budget") is False
+            and not a.get("finetune_s") and a.get("error") not in NOT_COUNTED)
 
 
 def _ship_user_code_by_value(task) -> None:

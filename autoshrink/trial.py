@@ -24,6 +24,7 @@ from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.compress import Compressed, compress
 from autoshrink.compress.distill import StopTrial, finetune
+from autoshrink.compress.prune import _PRUNABLE
 from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
@@ -235,6 +236,13 @@ def _record_cost(result: TrialResult, comp: Compressed, x: torch.Tensor) -> Cost
         }
         for c in comp.prune_report.layers
     ]
+    # the layers pruning leaves alone (the classifier head): in the plan too, with their bits
+    listed = {c.layer for c in comp.prune_report.layers}
+    for name, m in comp.pruned.named_modules():
+        if name and name not in listed and isinstance(m, _PRUNABLE):
+            n = m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
+            result.layers.append({"layer": name, "bits": comp.bits.get(name, 32), "channels_before": n,
+                                  "channels_after": n, "mmacs": cost.layer_macs.get(name, 0.0) / 1e6})
     return cost
 
 

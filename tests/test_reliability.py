@@ -108,7 +108,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tiny_task, tmp_path)
     faulthandler.dump_traceback_later(900, exit=True)  # a hang fails the run instead of stalling it
     try:
         result = ash.search(task, space, ash.Budget(mmacs=2.0), trials=len(plan), workers=1, out=out,
-                            progress=False, latency_runs=10, early_stopping=False)
+                            progress=False, latency_runs=10, early_stopping=False, screening=False)
     finally:
         faulthandler.cancel_dump_traceback_later()
     df = result.trials.set_index("number")
@@ -312,7 +312,8 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
     # in a second, never fine-tuned; the cheapest candidate (75/50 %, 0.45 MMACs) meets it, so the
     # search may start
     setup = _setup(tmp_path, task, _space(), ash.Budget(mmacs=0.6), trials=3, workers=1,
-                   out=str(tmp_path / "run"), progress=False, latency_runs=10, early_stopping=False)
+                   out=str(tmp_path / "run"), progress=False, latency_runs=10, early_stopping=False,
+                   screening=False)  # every trial counts: the trial numbers below are the plan
     db = tmp_path / "run" / "study.db"
 
     # 1. kill -9 once trial 0 is COMPLETE and trial 1 (pruned 25 %) hangs in its worker
@@ -382,7 +383,7 @@ def test_two_drivers_share_one_study_without_losing_or_repeating_trials(tiny_tas
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     setup = _setup(tmp_path, task, _space(), ash.Budget(mmacs=1.0), trials=6, workers=1,
                    storage=storage, study_name="s", sampler="random", progress=False,
-                   latency_runs=10, early_stopping=False)
+                   latency_runs=10, early_stopping=False, screening=False)
     drivers = [_launch(tmp_path, f"driver{i}", setup, {"out": str(tmp_path / f"out{i}"), "seed": i})
                for i in range(2)]
     for i, proc in enumerate(drivers):

@@ -295,3 +295,26 @@ def test_baselines_start_at_the_budget_edge():
     # the enqueued parameters are the space's own values (the head's pruning snaps to its choices)
     params = space.candidate_params(baselines(space, _space_defaults(space), 0.375)[0])
     assert params["prune.body"] == 0.375 and params["prune.head"] == 0.5
+
+
+def test_candidates_over_the_budget_do_not_count_up_to_the_screen_limit(tmp_path):
+    # trials=N asks for N fine-tunes: a candidate the budget gate rejects costs seconds, not a
+    # fine-tune, and does not count, until 'screen_limit' of them have been rejected
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    outcomes = ["screened", "fine-tuned", "screened", "failed", "screened", "screened", "pruned"]
+    for outcome in outcomes:
+        t = study.ask()
+        t.set_user_attr("meets_budget", outcome != "screened")
+        t.set_user_attr("finetune_s", 0.0 if outcome == "screened" else 5.0)
+        if outcome == "failed":
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+        elif outcome == "pruned":
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(t, [0.0 if outcome == "screened" else 90.0, 2.0])
+    running = study.ask()
+    for limit, committed in ((0, 8), (2, 6), (4, 4), (10, 4)):
+        driver = _Driver(None, None, BUDGET, study, tmp_path, 1, None, None, False, False, screen_limit=limit)
+        assert driver._committed() == committed  # the running trial counts until it is told
+        assert driver._finished() == committed - 1
+        assert driver._surplus(running.number, committed - 1) and not driver._surplus(running.number, committed)

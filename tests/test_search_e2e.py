@@ -26,7 +26,9 @@ def test_search_writes_the_run_folder(run):
     for name in ("study.db", "trials.csv", "pareto.png", "pareto.html", "report.md"):
         assert (out / name).is_file(), name
     df = pd.read_csv(out / "trials.csv")
-    assert len(df) == 3
+    # trials=3 counts fine-tuned candidates; those over the budget are recorded on top, unfine-tuned
+    screened = (df["state"] == "COMPLETE") & (df["meets_budget"] == False) & (df["finetune_s"] == 0)  # noqa: E712
+    assert (~screened).sum() == 3 and len(df) <= 3 + 4 * 3
     for col in ("number", "state", "accuracy", "latency_ms", "size_mb", "mmacs", "bops", "params",
                 "meets_budget", "finetune_s", "error"):
         assert col in df.columns
@@ -110,3 +112,12 @@ def test_the_report_compares_the_choice_with_the_hand_baseline(run):
     text = (out / "report.md").read_text()
     if result.best is not None:
         assert "hand baseline (trial #0, uniform int8" in text or "is the hand baseline (uniform int8" in text
+
+
+def test_the_plan_lists_every_layer_the_head_included(run):
+    result, _ = run
+    n = int(result.trials[result.trials["state"] == "COMPLETE"].iloc[0]["number"])
+    plan = {layer["layer"]: layer for layer in result.layer_plan(n)}
+    assert "conv1" in plan and "fc" in plan  # the head is never pruned, but it is quantized
+    assert plan["fc"]["channels_before"] == plan["fc"]["channels_after"] == 10
+    assert abs(sum(layer["latency_share"] for layer in plan.values()) - 1) < 0.05
