@@ -184,7 +184,18 @@ def run_hand(task, space, budget, seed, out, iterations: int = 5, high: float = 
                     lo = mid
             ratio = hi
     print(f"  hand: bisection probes (prune ratio, ms): {[(r, round(v, 3)) for r, v in probes]} -> {ratio}")
-    df = ash.sweep(task, [cand(ratio)], budget, workers=1, out=out, seed=seed, progress=False)
+    # the trial re-measures: at the edge, timing noise may put the ratio over the budget; the
+    # engineer then takes the next ratio the bisection found within it (a margin)
+    fallback = sorted(r for r, v in probes if v <= budget.latency_ms and r > ratio)
+    tried = []
+    for attempt, r in enumerate([ratio, *fallback]):
+        df = ash.sweep(task, [cand(r)], budget, workers=1, out=Path(out) / f"try{attempt}", seed=seed,
+                       progress=False)
+        tried.append(df)
+        if bool(df["meets_budget"].fillna(False).iloc[0]):
+            break
+        print(f"  hand: pruned {r:.4f} measured {df['latency_ms'].iloc[0]:.3f} ms in its trial: over; next")
+    df = pd.concat(tried, ignore_index=True)
     wall = time.perf_counter() - start
     return {"wall_s": wall, **summarise(df, budget.latency_ms)}
 
