@@ -7,7 +7,9 @@ trial (Ray Tune would add ~1 s per trial and a second record to keep consistent)
 
 Objectives: maximise accuracy, minimise latency; the budget is a constraint (each trial's
 relative excess over each limit, ``Trial.set_constraint``), so TPE/NSGA-II learn where the
-feasible region is. A candidate that misses
+feasible region is. Under a latency budget, the sampler sees a feasible trial's latency raised
+to the budget: the goal is the most accurate model within it, and a model faster than needed
+is not better (the plots and ``trials.csv`` keep the measured latency). A candidate that misses
 the budget is never fine-tuned; it is recorded with its measured cost and an accuracy of 0 for
 the sampler (NaN in ``trials.csv``: it was not measured).
 """
@@ -879,6 +881,10 @@ class _Driver:
         else:
             accuracy = m.get("accuracy") if not violations else None
             latency = m.get("latency_ms")
+            if latency is not None and not violations and self.budget.latency_ms is not None:
+                # under a latency budget the goal is the most accurate model within it: being
+                # faster than the budget is worth nothing, so the sampler is told so
+                latency = max(latency, self.budget.latency_ms)
             values = [accuracy if accuracy is not None else 0.0,
                       latency if latency is not None else 1e9]
             self.study.tell(trial, values)

@@ -318,3 +318,22 @@ def test_candidates_over_the_budget_do_not_count_up_to_the_screen_limit(tmp_path
         assert driver._committed() == committed  # the running trial counts until it is told
         assert driver._finished() == committed - 1
         assert driver._surplus(running.number, committed - 1) and not driver._surplus(running.number, committed)
+
+
+@pytest.mark.parametrize("budget, told", [(Budget(latency_ms=4.0), 4.0), (Budget(size_mb=1.0), 2.0)])
+def test_under_a_latency_budget_the_sampler_is_not_rewarded_for_being_faster(tmp_path, budget, told):
+    # the goal is the most accurate model within the budget: a feasible trial's latency is told
+    # to the sampler as the budget itself, while trials.csv keeps what was measured
+    space = SearchSpace.default()
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    driver = _Driver(None, space, budget, study, tmp_path, 1, None, None, False, False)
+    trial = study.ask()
+    cand = space.sample(trial)
+    driver._tell(trial, cand, {"state": "COMPLETE", "accuracy": 91.0, "latency_ms": 2.0, "size_mb": 0.5,
+                               "mmacs": 1.0, "meets_budget": True, "finetune_s": 3.0})
+    done = study.trials[0]
+    assert done.values == [91.0, told] and done.user_attrs["latency_ms"] == 2.0
+    over = study.ask()
+    driver._tell(over, space.sample(over), {"state": "COMPLETE", "latency_ms": 9.0, "size_mb": 5.0,
+                                            "mmacs": 1.0, "meets_budget": False, "finetune_s": 0.0})
+    assert study.trials[1].values == [0.0, 9.0]  # infeasible: measured latency, no accuracy
