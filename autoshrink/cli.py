@@ -15,14 +15,14 @@ class CliError(Exception):
     """A user error to print as one line (exit code 2)."""
 
 
-def _positive(kind: type):
+def _positive(kind: type, *, zero: bool = False):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
         return value
 
     return parse
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="candidates to fine-tune (default 12); those that miss the budget are "
                         "measured and recorded but not counted (up to 4x --trials of them)")
     s.add_argument("--workers", type=_positive(int), default=None, help="trials at once (default: cores/2)")
+    s.add_argument("--minutes", type=_positive(float, zero=True), default=12.0,
+                   help="start no new trial after this many minutes; the running ones finish, "
+                        "--resume continues (default 12, so the default search takes ~15 min "
+                        "on 2 cores; 0: no limit)")
     s.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the search in --out")
     s.add_argument("--ray-address", default=None, help="join an existing Ray cluster (ray start --head)")
@@ -139,6 +143,7 @@ def _cmd_search(args) -> int:
         study_name=args.study_name, ray_address=args.ray_address, latency_target=args.latency_target,
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
+        minutes=args.minutes if args.minutes and args.minutes > 0 else None,
     )
     _print_summary(result, front_table, plan_table)
     return 0
@@ -152,6 +157,9 @@ def _print_summary(result, front_table, plan_table) -> None:
     console = Console()
     df = result.trials
     console.print(f"\n[bold]{result.out}[/bold]: {_counts(df)}")
+    if result.meta.get("timed_out"):
+        console.print("[yellow]Stopped by the time limit (--minutes)[/yellow]: add --resume --out "
+                      f"{result.out} (and --minutes) to run the remaining trials.")
     mode = f"; the fastest within {result.max_drop:g} points of the teacher" if result.max_drop else ""
     console.print(f"Budget: {result.budget.describe()}{mode}.")
     failed = df.loc[df["state"] == "FAIL", "error"].value_counts()

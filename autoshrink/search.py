@@ -469,6 +469,7 @@ def search(
     max_drop: float | None = None,
     latency_target: str | None = None,
     screening: bool = True,
+    minutes: float | None = None,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -503,6 +504,8 @@ def search(
             the teacher.
         screening: do not count candidates that miss the budget towards ``trials`` (see
             there); False: every candidate counts. Off for ``sampler="grid"`` (each point once).
+        minutes: start no new trial after this many minutes (the running ones finish; the
+            result's ``meta["timed_out"]`` says so; ``resume=True`` continues). None: no limit.
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -531,6 +534,8 @@ def search(
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number (or None: no limit), got {minutes!r}")
     if space is None:
         space = SearchSpace.default()
     elif not isinstance(space, SearchSpace):
@@ -558,7 +563,7 @@ def search(
     screen_limit = 0 if hasattr(sampler_obj, "size") or not screening else SCREEN_FACTOR * trials
     driver = _Driver(task, space, budget, study, out_dir, workers, settings,
                      ray_address, early_stopping, progress, latency_target=latency_target,
-                     screen_limit=screen_limit)
+                     screen_limit=screen_limit, minutes=minutes)
     driver.record_meta(sampler=sampler, seed=seed, trials=trials, max_drop=max_drop)
     requeue = driver.fail_interrupted()
     if enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not resume:
@@ -579,6 +584,7 @@ def search(
         driver.run(trials)
     finally:
         driver.close()
+    study.set_user_attr("timed_out", driver.timed_out)
     result = load(out_dir, storage=storage, study_name=study_name, max_drop=max_drop)
     result.write()
     if driver.interrupted:  # Ctrl-C / SIGTERM: what is done is recorded and written; stop here
@@ -613,8 +619,11 @@ class _Driver:
 
     def __init__(self, task, space, budget, study, out, workers, settings, ray_address,
                  early_stopping, progress, *, latency_target: str | None = None,
-                 screen_limit: int = 0) -> None:
+                 screen_limit: int = 0, minutes: float | None = None) -> None:
         self.latency_target = latency_target
+        # no new trial starts after this many minutes of this call (those running finish)
+        self.minutes = minutes
+        self.timed_out = False
         # over-budget candidates (never fine-tuned) not counted towards the total, at most
         self.screen_limit = screen_limit
         self.task, self.space, self.budget, self.study = task, space, budget, study
@@ -764,11 +773,14 @@ class _Driver:
 
     # -- main loop ----------------------------------------------------------------------------------
     def run(self, total: int, propose=None) -> None:
-        """Run trials until ``total`` count in the study.
+        """Run trials until ``total`` count in the study, or ``minutes`` have passed (then the
+        trials in flight finish, and no new one starts; the first always starts).
 
         Args:
             propose: ``propose(trial) -> Candidate``; default: sample the space.
         """
+        started = time.monotonic()
+        begun = 0
         import optuna
         import ray
 
@@ -801,6 +813,15 @@ class _Driver:
         try:
             while not self._stop:
                 while len(inflight) < self.workers and self._committed() < total:
+                    if (self.minutes is not None and begun
+                            and time.monotonic() - started > 60 * self.minutes):
+                        if not self.timed_out:
+                            self.timed_out = True
+                            view.note(f"time limit: {self.minutes:g} min passed; finishing the "
+                                      f"{len(inflight)} trial(s) running, starting no more "
+                                      "(--resume continues)")
+                        break
+                    begun += 1
                     trial = self.study.ask()
                     trial.set_user_attr("driver", _DRIVER_ID)
                     if self._surplus(trial.number, total):

@@ -90,6 +90,8 @@ CASES = [
      r"argument --budget-ms: 'fast' is not a number"),
     ("no-budget", lambda d: ["search"],
      r"give a budget \(--budget-ms, --budget-mb, --budget-mmacs\) or --max-drop"),
+    ("minutes-negative", lambda d: ["search", "--budget-ms", "5", "--minutes", "-1"],
+     r"argument --minutes: must be >= 0, got -1"),
     ("trials-zero", lambda d: ["search", "--budget-ms", "5", "--trials", "0"],
      r"argument --trials: must be > 0, got 0"),
     ("workers-zero", lambda d: ["search", "--budget-ms", "5", "--workers", "0"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 
 import pandas as pd
@@ -121,3 +122,15 @@ def test_the_plan_lists_every_layer_the_head_included(run):
     assert "conv1" in plan and "fc" in plan  # the head is never pruned, but it is quantized
     assert plan["fc"]["channels_before"] == plan["fc"]["channels_after"] == 10
     assert abs(sum(layer["latency_share"] for layer in plan.values()) - 1) < 0.05
+
+
+def test_a_time_limit_finishes_the_trial_in_flight_and_starts_no_more(tiny_task, tiny_space, tmp_path):
+    start = time.monotonic()
+    result = ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=3, workers=1,
+                        out=tmp_path, progress=False, latency_runs=10, minutes=1e-4)
+    ran = result.trials[result.trials["state"] != "WAITING"]  # queued baselines wait for --resume
+    assert len(ran) == 1 and ran["state"].iloc[0] == "COMPLETE"
+    assert result.meta["timed_out"] is True
+    assert time.monotonic() - start < 300
+    with pytest.raises(ValueError, match="minutes must be a positive number"):
+        ash.search(tiny_task, tiny_space, trials=1, out=tmp_path / "x", minutes=0)
