@@ -26,6 +26,9 @@ from autoshrink.task import Task
 
 __all__ = ["FinetuneResult", "StopTrial", "finetune", "kd_loss", "teacher_logits"]
 
+# gradient-norm clip for the fine-tune: catches spikes, never touches a normal step
+GRAD_CLIP = 10.0
+
 
 class StopTrial(Exception):
     """Raised by a ``report`` callback to stop an unpromising fine-tune early."""
@@ -193,6 +196,9 @@ def finetune(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                # a spike (coarse 4-bit fake-quant next to fp32 layers, a high T) must not throw
+                # the short fine-tune off: normal steps stay far below this norm
+                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 opt.step()
                 sched.step()
             step += 1
