@@ -278,8 +278,7 @@ def test_a_failed_result_write_leaves_no_partial_trials_csv(tmp_path, monkeypatc
 
 
 def test_small_result_files_are_replaced_whole(tmp_path, monkeypatch):
-    from autoshrink.result import _write
-    from autoshrink.search import _atomic_write
+    from autoshrink._files import atomic_path, write_text_atomic
 
     real = Path.write_text
 
@@ -287,7 +286,11 @@ def test_small_result_files_are_replaced_whole(tmp_path, monkeypatch):
         real(self, text[: len(text) // 2])
         raise OSError(28, "No space left on device")
 
-    for write in (_write, _atomic_write):
+    def torch_like(path, text):  # a writer that takes a path, as torch.save and savefig do
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+    for write in (write_text_atomic, torch_like):
         target = tmp_path / "candidate.json"
         target.write_text('{"old": true}')
 
