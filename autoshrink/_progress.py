@@ -56,6 +56,7 @@ class ProgressView:
                 self.best = (acc, lat, number)
         if self.progress is None:
             return
+        counted = done is None or done > self.progress.tasks[0].completed
         lat_s = f"{lat:.2f} ms" if lat is not None else "- ms"
         size = m.get("size_mb")
         size_s = f"{size:.2f} MB" if size is not None else "- MB"
@@ -66,9 +67,8 @@ class ProgressView:
         elif not feasible:
             over = budget.violations({k: m[k] for k in ("latency_ms", "size_mb", "mmacs") if m.get(k) is not None})
             why = ", ".join(f"{k} +{v:.0%}" for k, v in over.items())
-            line = f"[dim]trial {number} misses the budget ({why}): {lat_s}, {size_s}; not fine-tuned[/dim]"
-            if done is not None and done == self.progress.tasks[0].completed:
-                line = line[:-len("[/dim]")] + ", not counted[/dim]"
+            line = (f"[dim]trial {number} misses the budget ({why}): {lat_s}, {size_s}; not fine-tuned"
+                    f"{'' if counted else ', not counted'}[/dim]")
         else:
             line = (f"[green]trial {number}[/green]: accuracy {acc:.2f} % · {lat_s} · {size_s} · "
                     f"fine-tune {m.get('finetune_s', 0):.0f} s")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from autoshrink._files import atomic_path
+from autoshrink._files import atomic_path, write_text_atomic
 from autoshrink.frontier import Direction, feasible, pareto_front
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -171,12 +171,6 @@ def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
-    return Path(path)
-
-
-def _write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -715,7 +709,7 @@ def plot_pareto_html(
     fig = _render_plotly(data, df, axes)
     html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False},
                        default_height="95vh")  # fill the browser window
-    return _write_text_atomic(path, html)
+    return write_text_atomic(path, html)
 
 
 def _render_plotly(data: ParetoPlotData, df: pd.DataFrame, axes: list[str]) -> Any:
@@ -1271,7 +1265,7 @@ def write_report_md(
         right = [not c.startswith(_PARAM_PREFIX) for c in columns]
         out.append(_md_table(headers, rows, right))
     out += ["", f"![Pareto front: accuracy vs latency of every trial]({plot_name})", ""]
-    return _write_text_atomic(path, "\n".join(out))
+    return write_text_atomic(path, "\n".join(out))
 
 
 def baseline_text(chosen: pd.Series, baseline: pd.Series, how: str) -> str:

@@ -107,8 +107,7 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: _Setti
         or a probe failed (``error`` says why): the fixed baselines are used then. None when the
         budget sets no limit.
     """
-    from autoshrink.measure.latency import MachineLock
-    from autoshrink.trial import TrialContext, evaluate
+    from autoshrink.trial import evaluate
 
     limits = budget.constraints()
     if not limits:
@@ -117,8 +116,7 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: _Setti
     base = base or _space_defaults(space)
     ratios = _uniform_ratios(space)
     probe_budget = Budget(**{**limits, "latency_ms": 1e-9 if "latency_ms" in limits else None})
-    ctx = TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
-                       latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+    ctx = _timing_context(settings)
     probes: list[list] = []
     seen: dict[float, bool] = {}
 
@@ -152,17 +150,28 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: _Setti
             "error": error}
 
 
+def _timing_context(settings: _Settings):
+    """How the driver itself measures a candidate (budget checks before the search): as a trial
+    does, under the machine lock."""
+    from autoshrink.measure.latency import MachineLock
+    from autoshrink.trial import TrialContext
+
+    return TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
+                        latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+
+
 def _uniform_ratios(space: SearchSpace) -> list[float]:
     """The uniform pruning ratios worth telling apart: every rule's pruning steps (eighths for
     a continuous range), from 0 to the highest ratio any rule allows."""
+    from autoshrink.space import Range
+
     values: set[float] = {0.0}
     for rule in space.to_dict()["layers"]:
         knob = rule.get("prune")
         if isinstance(knob, dict):
-            step = knob.get("step") or 0.125
-            n = math.floor((knob["high"] - knob["low"]) / step + 1e-9)
-            values.update(round(knob["low"] + k * step, 6) for k in range(n + 1))
-            if not knob.get("step"):
+            stepped = Range(low=knob["low"], high=knob["high"], step=knob.get("step") or 0.125)
+            values.update(round(v, 6) for v in stepped.values())
+            if not knob.get("step"):  # a continuous range: its top too
                 values.add(round(knob["high"], 6))
         elif isinstance(knob, list):
             values.update(float(v) for v in knob)
@@ -284,21 +293,17 @@ def _check_study(storage, study_name: str, resume: bool, out: Path, space: Searc
             f"trial{'' if len(study.trials) == 1 else 's'}); "
             "pass --resume to continue it or choose another --out"
         )
+    made_with = f"{'--resume: ' if resume else ''}the study in {str(out)!r} was made with"
     fp = study.user_attrs.get("space_fingerprint")
     if space is not None and fp is not None and fp != space.fingerprint():
-        raise SearchError(
-            f"{'--resume: ' if resume else ''}the study in {str(out)!r} was made with a different "
-            f"search space ({study.user_attrs.get('space_source')}, now {space.source}); "
-            "use the same space or a new --out"
-        )
+        raise SearchError(f"{made_with} a different search space ({study.user_attrs.get('space_source')}, "
+                          f"now {space.source}); use the same space or a new --out")
     before = study.user_attrs.get("budget")
     if budget is not None and before is not None and before != budget.constraints():
         # trials told to the sampler as (in)feasible under one budget would mislead it under another
-        raise SearchError(
-            f"{'--resume: ' if resume else ''}the study in {str(out)!r} was made with the budget "
-            f"{Budget(**before).describe()}, now {budget.describe()}; use the same budget or a new "
-            "--out (its trials stay: `autoshrink show` lists them with their measured costs)"
-        )
+        raise SearchError(f"{made_with} the budget {Budget(**before).describe()}, now {budget.describe()}; "
+                          "use the same budget or a new --out (its trials stay: `autoshrink show` lists "
+                          "them with their measured costs)")
 
 
 def check_run_folder(
@@ -411,8 +416,7 @@ def _check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: _
     is set, is measured once on the compiled cheapest model, with a tolerance for timing noise."""
     from autoshrink.compress import compress
     from autoshrink.measure.flops import model_cost
-    from autoshrink.measure.latency import MachineLock
-    from autoshrink.trial import TrialContext, evaluate
+    from autoshrink.trial import evaluate
 
     limits = budget.constraints()
     if not limits:
@@ -428,8 +432,7 @@ def _check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: _
     units = {"size_mb": "MB", "mmacs": "MMACs", "latency_ms": "ms"}
     missed = {k: v for k, v in found.items() if k in limits and v > limits[k]}
     if not missed and latency and budget.latency_ms is not None:
-        ctx = TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
-                           latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+        ctx = _timing_context(settings)
         try:  # a budget no model meets: evaluate() stops right after timing the lowered model
             r = evaluate(task, cheapest, Budget(latency_ms=1e-9), ctx)
         except Exception:  # noqa: BLE001
@@ -706,9 +709,6 @@ class _Driver:
 
     def _finished(self) -> int:
         return self._count(running=False)
-
-    def _screens_left(self) -> int:
-        return self.screen_limit - sum(1 for t in self.study.get_trials(deepcopy=False) if _screened(t))
 
     # -- ray ----------------------------------------------------------------------------------------
     def _start_ray(self) -> None:
