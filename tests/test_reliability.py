@@ -195,11 +195,15 @@ def test_drivers_sharing_a_study_stop_at_the_total(tmp_path):
 
 # -- a killed, then interrupted, then resumed driver -----------------------------------------
 DRIVER = """\
-import json, os, sys
+import json, os, signal, sys
 
 import cloudpickle
 
 import autoshrink as ash
+
+# a terminal's Ctrl-C is what the test sends: a runner that starts jobs with SIGINT ignored
+# (a background job of a shell without job control) must not make it a no-op here
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 with open(sys.argv[1], "rb") as fh:
     task, space, budget, kwargs = cloudpickle.load(fh)
