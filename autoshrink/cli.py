@@ -152,7 +152,7 @@ def _cmd_search(args) -> int:
 def _print_summary(result, front_table, plan_table) -> None:
     from rich.console import Console
 
-    from autoshrink.report import baseline_text, chosen_table, nearest_table
+    from autoshrink.report import baseline_text, chosen_table, near_ties_text, nearest_table
 
     console = Console()
     df = result.trials
@@ -188,6 +188,9 @@ def _print_summary(result, front_table, plan_table) -> None:
             pass
         if result.baseline is not None:
             console.print(baseline_text(best, *result.baseline), highlight=False)
+        ties = result.near_ties()
+        if len(ties):
+            console.print(near_ties_text(best, ties, run=str(result.out)), highlight=False)
         plan = result.layer_plan(n)
         if plan:
             console.print(plan_table(plan, title=f"Compression plan of trial #{n}"))

@@ -21,6 +21,7 @@ __all__ = [
     "Direction",
     "feasible",
     "hypervolume",
+    "near_ties",
     "nearest_feasible",
     "pareto_front",
     "select_best",
@@ -397,6 +398,64 @@ def select_best(
     keys += [key("size_mb", 1.0), key("number", 1.0)]
     best = np.lexsort(keys[::-1])[0]
     return rows.iloc[best]
+
+
+def near_ties(
+    df: pd.DataFrame,
+    constraints: Mapping[str, float | None] | None,
+    chosen: pd.Series,
+    objective: str = "accuracy",
+    k: int = 3,
+) -> pd.DataFrame:
+    """Feasible rows as good as ``chosen`` within its standard error, and cheaper to run.
+
+    The chosen row is the most accurate, but a difference smaller than the accuracy's standard
+    error (column ``{objective}_se``) is noise of the validation set. A row is listed when it is
+    feasible, its ``objective`` is at least ``chosen - se``, and it is no slower and no larger than
+    ``chosen`` (``latency_ms``, ``size_mb``; absent columns are skipped) and strictly smaller in
+    one of them. Among such rows only the non-dominated ones (objective up, latency down) are kept.
+
+    Args:
+        df: trials, one row per trial.
+        constraints: column -> upper limit, as in :func:`feasible`.
+        chosen: the selected row (from :func:`select_best`).
+        objective: the maximised column.
+        k: how many rows to return at most.
+
+    Returns:
+        Up to ``k`` rows, fastest first; no rows when ``chosen`` has no standard error.
+
+    Example:
+        >>> df = pd.DataFrame({"number": [0, 1, 2], "accuracy": [95.4, 95.2, 94.0],
+        ...                    "accuracy_se": [0.3] * 3, "latency_ms": [2.2, 1.6, 1.0]})
+        >>> chosen = select_best(df, {"latency_ms": 5.0})
+        >>> near_ties(df, {"latency_ms": 5.0}, chosen)["number"].tolist()
+        [1]
+    """
+    _check_columns(df, [objective], "objective")
+    se = pd.to_numeric(pd.Series([chosen.get(f"{objective}_se")]), errors="coerce").iloc[0]
+    best = pd.to_numeric(pd.Series([chosen.get(objective)]), errors="coerce").iloc[0]
+    if not (np.isfinite(se) and np.isfinite(best)) or se <= 0:
+        return df.iloc[:0]
+    score = pd.to_numeric(df[objective], errors="coerce")
+    ok = feasible(df, constraints) & (score >= best - se)
+    cheaper = pd.Series(False, index=df.index)
+    for col in ("latency_ms", "size_mb"):
+        if col not in df.columns:
+            continue
+        ref = pd.to_numeric(pd.Series([chosen.get(col)]), errors="coerce").iloc[0]
+        if not np.isfinite(ref):
+            continue
+        values = pd.to_numeric(df[col], errors="coerce")
+        ok &= (values <= ref).fillna(False).astype(bool)
+        cheaper |= (values < ref).fillna(False).astype(bool)
+    rows = df[ok & cheaper]
+    if rows.empty:
+        return rows
+    axes = {objective: "max", "latency_ms": "min"} if "latency_ms" in rows.columns else {objective: "max"}
+    front = pareto_front(rows, axes)
+    order = "latency_ms" if "latency_ms" in front.columns else objective
+    return front.sort_values(order, ascending=order != objective, kind="stable").head(k)
 
 
 def nearest_feasible(

@@ -1197,6 +1197,7 @@ def write_report_md(
     plot_name: str = "pareto.png",
     nearest: pd.DataFrame | None = None,
     baseline: tuple[pd.Series, str] | None = None,
+    ties: pd.DataFrame | None = None,
 ) -> Path:
     """Write a Markdown report: budget, teacher, chosen model and its gains, the front, the plot.
 
@@ -1215,6 +1216,8 @@ def write_report_md(
         nearest: the trials closest to the budget, shown when nothing meets it.
         baseline: the hand baseline's row and a description (see
             :attr:`autoshrink.SearchResult.baseline`): the chosen model is compared with it.
+        ties: trials as accurate as the chosen one within its standard error and cheaper to run
+            (:meth:`autoshrink.SearchResult.near_ties`), pointed out below it.
 
     Returns:
         The path written.
@@ -1252,6 +1255,8 @@ def write_report_md(
         out += _chosen_section(chosen, teacher, metrics)
         if baseline is not None:
             out += [baseline_text(chosen, *baseline), ""]
+        if ties is not None and len(ties):
+            out += [near_ties_text(chosen, ties), ""]
     else:
         out += _nothing_meets_section(limits, nearest)
 
@@ -1285,6 +1290,30 @@ def baseline_text(chosen: pd.Series, baseline: pd.Series, how: str) -> str:
     if lb is not None and lc is not None:
         text += f", {lb:.2f} → {lc:.2f} ms"
     return text + "."
+
+
+def near_ties_text(chosen: pd.Series, ties: pd.DataFrame, run: str = "RUN") -> str:
+    """One sentence pointing at trials as accurate as the chosen one within noise, but cheaper
+    (``run``: the run folder, as the export command should name it).
+
+    Example:
+        >>> chosen = pd.Series({"number": 0, "accuracy": 95.42, "accuracy_se": 0.31, "latency_ms": 2.25})
+        >>> ties = pd.DataFrame({"number": [11], "accuracy": [95.40], "latency_ms": [1.63], "size_mb": [3.66]})
+        >>> import textwrap
+        >>> print(textwrap.fill(near_ties_text(chosen, ties), 90))
+        Within one standard error (±0.31 points) of its accuracy and cheaper to run: trial #11
+        (95.40%, 1.63 ms, 3.66 MB). Differences this small are noise of the validation set;
+        `autoshrink export RUN --trial 11 -o OUT` exports it.
+    """
+    parts = []
+    for _, row in ties.iterrows():
+        figures = [_fmt(c, row.get(c)) for c in ("accuracy", "latency_ms", "size_mb")
+                   if c in row.index and not _is_missing(row.get(c))]
+        parts.append(f"trial #{_fmt_plain(row.get('number'))} ({', '.join(figures)})")
+    first = _fmt_plain(ties.iloc[0].get("number"))
+    return (f"Within one standard error (±{float(chosen['accuracy_se']):.2f} points) of its accuracy and "
+            f"cheaper to run: {'; '.join(parts)}. Differences this small are noise of the validation set; "
+            f"`autoshrink export {run} --trial {first} -o OUT` exports it.")
 
 
 def _chosen_section(chosen: pd.Series, teacher: Mapping[str, Any], metrics: list[str]) -> list[str]:

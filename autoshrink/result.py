@@ -159,6 +159,17 @@ class SearchResult:
         how = "unpruned" if edge == 0 else f"pruned {edge:.1%}"
         return row, f"uniform int8, {how}: the least uniform pruning that meets the budget"
 
+    def near_ties(self, k: int = 3) -> pd.DataFrame:
+        """Trials within one standard error of the chosen model's accuracy that are no slower and
+        no larger, and faster or smaller (see :func:`autoshrink.frontier.near_ties`); none with
+        ``max_drop``, whose choice is already the fastest."""
+        from autoshrink.frontier import near_ties
+
+        best = self.best
+        if best is None or self.max_drop is not None:
+            return self.trials.iloc[:0]
+        return near_ties(self.trials, self.budget.constraints(), best, k=k)
+
     def nearest(self, k: int = 3) -> pd.DataFrame:
         """When nothing meets the budget: the trials closest to it."""
         from autoshrink.frontier import nearest_feasible
@@ -267,6 +278,7 @@ class SearchResult:
             files["report"], teacher=self.teacher, chosen=best, front=self.frontier,
             constraints=self.budget.constraints(), plot_name="pareto.png",
             nearest=self.nearest() if best is None else None, baseline=self.baseline,
+            ties=self.near_ties() if best is not None else None,
         )
         return files
 

@@ -10,6 +10,7 @@ from autoshrink.frontier import (
     Direction,
     feasible,
     hypervolume,
+    near_ties,
     nearest_feasible,
     pareto_front,
     select_best,
@@ -318,3 +319,31 @@ def test_nearest_feasible_errors() -> None:
         nearest_feasible(_trials(), {"latency_ms": 0.0})
     with pytest.raises(ValueError, match=r"`k >= 1` must hold, but got k=0"):
         nearest_feasible(_trials(), {"latency_ms": 1.0}, k=0)
+
+
+def _ties_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "number": [0, 1, 2, 3, 4, 5, 6],
+        "state": ["COMPLETE"] * 6 + ["FAIL"],
+        "accuracy": [95.4, 95.3, 95.2, 94.9, 95.35, 95.3, 95.4],
+        "accuracy_se": [0.3] * 7,
+        "latency_ms": [2.2, 1.6, 1.2, 1.0, 2.4, 6.0, 1.0],
+        "size_mb": [11.0, 4.0, 3.0, 2.0, 12.0, 1.0, 1.0],
+    })
+
+
+def test_near_ties_are_within_one_se_no_slower_no_larger_and_on_their_own_front() -> None:
+    df = _ties_table()
+    chosen = select_best(df, {"latency_ms": 5.0})
+    assert int(chosen["number"]) == 0
+    ties = near_ties(df, {"latency_ms": 5.0}, chosen)
+    # 1 and 2 tie within 0.3 points and are cheaper; 2 is faster but less accurate, so both stay.
+    # 3 is 0.5 points behind, 4 slower, 5 over the budget, 6 failed.
+    assert ties["number"].tolist() == [2, 1]
+    assert near_ties(df, {"latency_ms": 5.0}, chosen, k=1)["number"].tolist() == [2]
+
+
+def test_near_ties_need_a_standard_error() -> None:
+    df = _ties_table().drop(columns="accuracy_se")
+    chosen = select_best(df, {"latency_ms": 5.0})
+    assert near_ties(df, {"latency_ms": 5.0}, chosen).empty

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autoshrink.frontier import nearest_feasible, pareto_front, select_best
+from autoshrink.frontier import near_ties, nearest_feasible, pareto_front, select_best
 from autoshrink.report import (
     ParetoPlotData,
     front_table,
@@ -234,3 +234,14 @@ def test_write_csv_atomic_leaves_old_file_on_failure(tmp_path: Path) -> None:
         write_csv_atomic(Broken({"a": [2]}), path)
     assert pd.read_csv(path)["a"].tolist() == [1]
     assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+
+
+def test_write_report_md_points_at_a_near_tie(tmp_path: Path) -> None:
+    df = pd.DataFrame({"number": [0, 1], "state": ["COMPLETE"] * 2, "accuracy": [95.42, 95.40],
+                       "accuracy_se": [0.31, 0.31], "latency_ms": [2.25, 1.63], "size_mb": [11.2, 3.66]})
+    chosen = select_best(df, {"latency_ms": 5.0})
+    ties = near_ties(df, {"latency_ms": 5.0}, chosen)
+    text = write_report_md(tmp_path / "report.md", teacher=TEACHER, chosen=chosen,
+                           front=pareto_front(df, OBJ), constraints={"latency_ms": 5.0}, ties=ties).read_text()
+    assert "Within one standard error (±0.31 points) of its accuracy and cheaper to run: trial #1 (95.40%, " in text
+    assert "`autoshrink export RUN --trial 1 -o OUT`" in text
