@@ -91,6 +91,8 @@ def trials_frame(study) -> pd.DataFrame:
         # a search samples Optuna params; a sweep records its given candidates' values
         for name, value in (t.params or a.get("candidate_params", {})).items():
             row[f"param_{name}"] = value
+        if "candidate_index" in a:  # a sweep's trial: the position of its candidate in the list given
+            row["candidate_index"] = a["candidate_index"]
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
     for col in COLUMNS + EXTRA:
@@ -100,6 +102,7 @@ def trials_frame(study) -> pd.DataFrame:
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
     df["error"] = df["error"].fillna("").astype(str)
     ordered = COLUMNS + EXTRA + sorted(c for c in df.columns if c.startswith("param_"))
+    ordered += ["candidate_index"] if "candidate_index" in df.columns else []
     return df[ordered].sort_values("number").reset_index(drop=True)
 
 

@@ -18,7 +18,7 @@ from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.task import Task
 
-__all__ = ["candidate_params", "grid", "sweep"]
+__all__ = ["candidate_params", "grid", "start_order", "sweep"]
 
 
 def grid(
@@ -85,8 +85,12 @@ def sweep(
         out: run folder (default ``runs/sweep-<timestamp>``); reopen with ``autoshrink.load``.
 
     Returns:
-        The trials DataFrame (same columns as a search; ``param_*`` describe each candidate).
-        ``df.attrs["out"]`` is the run folder.
+        The trials DataFrame (same columns as a search; ``param_*`` describe each candidate), one
+        row per candidate in the order given, with a last column ``candidate_index``: the position in
+        ``candidates`` (``trials.csv`` has it too, in trial order). ``df.attrs["out"]`` is the
+        run folder. Trial numbers follow the order the
+        trials started in: with several workers the costliest fine-tunes start first (see
+        :func:`start_order`), so that no worker idles while a long one runs alone at the end.
 
     Raises:
         TypeError: an item that is not a :class:`Candidate`.
@@ -120,12 +124,14 @@ def sweep(
     driver = _Driver(task, None, budget, study, out_dir, workers, settings, ray_address,
                      False, progress)
     driver.record_meta(kind="sweep", seed=seed, trials=len(cands))
-    queue = iter(cands)
+    queue = iter(start_order(task, cands, workers))
 
     def propose(trial):
-        cand = next(queue)
+        index = next(queue)
+        cand = cands[index]
         # not "params": that user attribute is the parameter count (a metric)
         trial.set_user_attr("candidate_params", candidate_params(cand))
+        trial.set_user_attr("candidate_index", index)
         return cand
 
     try:
@@ -134,6 +140,40 @@ def sweep(
         driver.close()
     result = load(out_dir)
     result.write()
-    df = result.trials
+    df = result.trials.sort_values("candidate_index", kind="stable").reset_index(drop=True)
     df.attrs["out"] = str(out_dir)
     return df
+
+
+def start_order(task: Task, candidates: Sequence[Candidate], workers: int) -> list[int]:
+    """Positions of ``candidates`` in the order to start them: longest fine-tune first.
+
+    With one worker, or no more candidates than workers, the order given. Otherwise the
+    longest-processing-time-first rule: the fine-tune's work is estimated as steps × batch size ×
+    the teacher's per-layer MACs scaled by ``(1 - prune ratio)²`` (input and output channels both
+    shrink), which is enough to rank candidates; ties keep the order given.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> data = torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+        >>> model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(288, 10))
+        >>> task = Task(model=model, train_data=data, val_data=data, example_input=torch.zeros(1, 1, 8, 8))
+        >>> cands = [Candidate(prune={"0": 0.5}, finetune_steps=100), Candidate(finetune_steps=100),
+        ...          Candidate(prune={"0": 0.5}, finetune_steps=300)]
+        >>> start_order(task, cands, workers=2)
+        [2, 1, 0]
+    """
+    order = list(range(len(candidates)))
+    if workers <= 1 or len(candidates) <= workers:
+        return order
+    import torch.nn as nn
+
+    from autoshrink.measure.flops import model_cost
+
+    layers = {name: 32 for name, m in task.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    macs = model_cost(task.model, task.example_input, layers).layer_macs
+
+    def work(c: Candidate) -> float:
+        return c.finetune_steps * c.batch_size * sum(m * (1.0 - c.prune_for(n)) ** 2 for n, m in macs.items())
+
+    return sorted(order, key=lambda i: -work(candidates[i]))

@@ -7,7 +7,8 @@
 2. **Speed-up** of 2 workers over 1 on training-bound trials: the same candidates (uniform int8,
    several pruning ratios, a long fine-tune, no budget so every one is fine-tuned) through
    ``ash.sweep`` with ``workers=1`` then ``workers=2``, one torch thread per worker. Latency timing
-   holds the machine lock (nobody trains meanwhile), so it is the serial part.
+   holds the machine lock (nobody trains meanwhile), so it is the serial part; with few trials,
+   so is the last one running alone, which ``sweep`` shortens by starting the longest first.
 3. **Latency predictor** (``--predictor N``): N candidates sampled from the space; the per-layer
    lookup table's prediction vs the latency measured as a trial measures it: median relative
    error and Kendall τ.

@@ -204,6 +204,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed+seeds-1")
     p.add_argument("--out", default="runs/compare_search.csv", help="CSV, one row per (method, seed)")
     p.add_argument("--task", default="digits", help="digits, digits-resnet20, ... or tiny")
     p.add_argument("--budget-ms", type=float, default=5.0)
@@ -220,7 +221,7 @@ def main() -> None:
     print(f"task {args.task}, budget {args.budget_ms} ms, {args.trials} trials, {args.seeds} seed(s), "
           f"workers {args.workers or 'default'}, {os.cpu_count()} cores")
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method in args.methods.split(","):
             folder = runs / f"{method}-seed{seed}"
             if method == "autoshrink":

@@ -8,7 +8,7 @@ import pytest
 import autoshrink as ash
 from autoshrink.cli import main
 from autoshrink.result import COLUMNS, EXTRA
-from autoshrink.sweep import candidate_params
+from autoshrink.sweep import candidate_params, start_order
 
 SEARCH_COLUMNS = ["number", "state", "accuracy", "latency_ms", "size_mb", "mmacs", "bops", "params",
                   "meets_budget", "finetune_s", "error"]
@@ -60,7 +60,7 @@ def test_sweep_returns_the_trials_of_a_search(swept):
     df, out = swept
     assert list(df.columns[: len(COLUMNS + EXTRA)]) == COLUMNS + EXTRA
     assert set(SEARCH_COLUMNS) <= set(df.columns)
-    assert df["number"].tolist() == [0, 1]
+    assert df["number"].tolist() == [0, 1] and df["candidate_index"].tolist() == [0, 1]
     assert df["state"].tolist() == ["COMPLETE", "COMPLETE"], df["error"].tolist()
     int8, fp32 = df.iloc[0], df.iloc[1]
     assert int8["meets_budget"] and int8["size_mb"] <= 0.05
@@ -106,3 +106,11 @@ def test_show_and_pareto_on_a_sweep(swept, tmp_path, capsys, monkeypatch):
                  "--html", str(tmp_path / "p.html")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "bits = 32" in (tmp_path / "p.html").read_text()
+
+
+def test_start_order_puts_the_longest_fine_tunes_first_only_with_several_workers(tiny_task):
+    cands = [ash.Candidate.uniform(bits=8, prune=0.5, steps=100), ash.Candidate.uniform(bits=8, prune=0.0, steps=100),
+             ash.Candidate.uniform(bits=8, prune=0.25, steps=100), ash.Candidate.uniform(bits=8, prune=0.5, steps=100)]
+    assert start_order(tiny_task, cands, workers=1) == [0, 1, 2, 3]
+    assert start_order(tiny_task, cands[:2], workers=2) == [0, 1]
+    assert start_order(tiny_task, cands, workers=2) == [1, 2, 0, 3]  # equal work keeps its order
