@@ -1256,7 +1256,7 @@ def write_report_md(
         if baseline is not None:
             out += [baseline_text(chosen, *baseline), ""]
         if ties is not None and len(ties):
-            out += [near_ties_text(chosen, ties), ""]
+            out += [near_ties_text(chosen, ties, run=str(Path(path).parent)), ""]
     else:
         out += _nothing_meets_section(limits, nearest)
 

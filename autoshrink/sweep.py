@@ -86,11 +86,11 @@ def sweep(
 
     Returns:
         The trials DataFrame (same columns as a search; ``param_*`` describe each candidate), one
-        row per candidate in the order given, with a last column ``candidate_index``: the position in
-        ``candidates`` (``trials.csv`` has it too, in trial order). ``df.attrs["out"]`` is the
-        run folder. Trial numbers follow the order the
-        trials started in: with several workers the costliest fine-tunes start first (see
-        :func:`start_order`), so that no worker idles while a long one runs alone at the end.
+        row per candidate in the order given, with a last column ``candidate_index``: the
+        position in ``candidates`` (``trials.csv`` has it too, in trial order).
+        ``df.attrs["out"]`` is the run folder. Trial numbers follow the order the trials started
+        in: with several workers the costliest fine-tunes start first (see :func:`start_order`),
+        so that no worker idles while a long one runs alone at the end.
 
     Raises:
         TypeError: an item that is not a :class:`Candidate`.
@@ -151,7 +151,8 @@ def start_order(task: Task, candidates: Sequence[Candidate], workers: int) -> li
     With one worker, or no more candidates than workers, the order given. Otherwise the
     longest-processing-time-first rule: the fine-tune's work is estimated as steps × batch size ×
     the teacher's per-layer MACs scaled by ``(1 - prune ratio)²`` (input and output channels both
-    shrink), which is enough to rank candidates; ties keep the order given.
+    shrink), which is enough to rank candidates; ties keep the order given. A teacher whose MACs
+    cannot be counted keeps the order given too (its trials will say why).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -171,7 +172,10 @@ def start_order(task: Task, candidates: Sequence[Candidate], workers: int) -> li
     from autoshrink.measure.flops import model_cost
 
     layers = {name: 32 for name, m in task.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    macs = model_cost(task.model, task.example_input, layers).layer_macs
+    try:
+        macs = model_cost(task.model, task.example_input, layers).layer_macs
+    except Exception:  # noqa: BLE001 - only an optimisation; each trial counts MACs and records errors
+        return order
 
     def work(c: Candidate) -> float:
         return c.finetune_steps * c.batch_size * sum(m * (1.0 - c.prune_for(n)) ** 2 for n, m in macs.items())

@@ -244,4 +244,4 @@ def test_write_report_md_points_at_a_near_tie(tmp_path: Path) -> None:
     text = write_report_md(tmp_path / "report.md", teacher=TEACHER, chosen=chosen,
                            front=pareto_front(df, OBJ), constraints={"latency_ms": 5.0}, ties=ties).read_text()
     assert "Within one standard error (±0.31 points) of its accuracy and cheaper to run: trial #1 (95.40%, " in text
-    assert "`autoshrink export RUN --trial 1 -o OUT`" in text
+    assert f"`autoshrink export {tmp_path} --trial 1 -o OUT`" in text
