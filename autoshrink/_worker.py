@@ -123,16 +123,11 @@ class Rungs:
     rate, a short fine-tune at step 80 has annealed further than a long one at step 80, so
     comparing them would stop long fine-tunes for being early in their schedule. A latency
     that is unknown on one side only never counts as "no slower".
-
-    Under a latency budget, ``latency_floor`` is the budget: latencies below it compare as equal
-    to it, as they are told to the sampler, since being faster than the budget is worth nothing.
-    A feasible trial then is stopped when another feasible one is ``margin`` points ahead.
     """
 
-    def __init__(self, margin: float = 3.0, min_peers: int = 1, latency_floor: float | None = None) -> None:
+    def __init__(self, margin: float = 3.0, min_peers: int = 1) -> None:
         self.margin = margin
         self.min_peers = min_peers
-        self.latency_floor = latency_floor
         # (schedule, step) -> trial number -> (accuracy, latency_ms)
         self.reports: dict[tuple[int | None, int], dict[int, tuple[float, float | None]]] = {}
 
@@ -144,9 +139,7 @@ class Rungs:
         others = [v for n, v in peers.items() if n != number]
         if len(others) < self.min_peers:
             return False
-        latency_ms = self._floored(latency_ms)
         for acc, lat in others:
-            lat = self._floored(lat)
             if latency_ms is None or lat is None:
                 no_slower = latency_ms is None and lat is None
             else:
@@ -154,11 +147,6 @@ class Rungs:
             if acc >= accuracy + self.margin and no_slower:
                 return True
         return False
-
-    def _floored(self, latency_ms: float | None) -> float | None:
-        if latency_ms is None or self.latency_floor is None:
-            return latency_ms
-        return max(latency_ms, self.latency_floor)
 
     def seed(self, history: dict[int, list[tuple]]) -> None:
         """Load reports of trials from an earlier session of the same study (resume): for each

@@ -796,8 +796,7 @@ class _Driver:
         logits = teacher_logits(self.task.model, self.task.train_data)
         logits_ref = ray.put(logits)
         remote = ray.remote(num_cpus=self.settings.threads, max_retries=1)(run_trial)
-        rungs = (ray.remote(num_cpus=0)(Rungs).remote(latency_floor=self.budget.latency_ms)
-                 if self.early_stopping else None)
+        rungs = ray.remote(num_cpus=0)(Rungs).remote() if self.early_stopping else None
         if rungs is not None:  # a resumed study's earlier fine-tunes still count as rivals
             rungs.seed.remote({
                 t.number: [(step, acc, t.user_attrs.get("latency_ms"),

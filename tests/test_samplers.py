@@ -159,15 +159,6 @@ def test_rungs_never_stop_a_faster_trial_for_being_less_accurate():
     assert r.report(1, 40, 70.0, 1.0) is False  # far less accurate, but faster: may be on the front
 
 
-def test_rungs_under_a_latency_budget_compare_feasible_trials_on_accuracy():
-    r = Rungs(margin=3.0, latency_floor=1.5)
-    r.report(0, 40, 95.0, 1.4)
-    assert r.report(1, 40, 90.0, 1.0) is True  # faster, but both meet the budget: accuracy decides
-    assert r.report(2, 40, 91.0, 1.6) is True  # over the floor and slower still
-    r.report(3, 40, 97.0, 2.0)
-    assert r.report(4, 40, 93.0, 1.2) is False  # #3 is 4 points ahead but over the budget
-
-
 def test_rungs_compare_only_the_same_step_of_the_same_schedule():
     r = Rungs(margin=3.0)
     r.report(0, 40, 95.0, 1.0, schedule=120)
