@@ -337,3 +337,33 @@ def test_under_a_latency_budget_the_sampler_is_not_rewarded_for_being_faster(tmp
     driver._tell(over, space.sample(over), {"state": "COMPLETE", "latency_ms": 9.0, "size_mb": 5.0,
                                             "mmacs": 1.0, "meets_budget": False, "finetune_s": 0.0})
     assert study.trials[1].values == [0.0, 9.0]  # infeasible: measured latency, no accuracy
+
+
+# -- the reachability check before a search ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("timings", "refused", "calls"), [
+    ([3.0, 1.1], False, 2),      # one slow timing (another tenant's burst) is measured again
+    ([3.0, 2.0, 1.6], True, 3),  # over 1.25 x the budget every time: refused, with the fastest
+])
+def test_an_unreachable_latency_budget_is_measured_again_before_refusing(
+        tiny_task, tiny_space, monkeypatch, timings, refused, calls):
+    import autoshrink.trial
+    from autoshrink.search import _check_reachable, _Settings
+    from autoshrink.trial import TrialResult
+
+    seen = []
+
+    def fake_evaluate(task, cand, budget, ctx):
+        seen.append(cand)
+        return TrialResult(latency_ms=timings[len(seen) - 1])
+
+    monkeypatch.setattr(autoshrink.trial, "evaluate", fake_evaluate)
+    settings = _Settings(threads=1, latency_threads=1, latency_runs=5, eval_every=0, seed=0, lock_dir=None)
+    budget = ash.Budget(latency_ms=1.0)
+    if refused:
+        with pytest.raises(SearchError, match=r"has latency_ms 1\.6 ms > 1\b"):
+            _check_reachable(tiny_task, tiny_space, budget, settings, latency=True)
+    else:
+        _check_reachable(tiny_task, tiny_space, budget, settings, latency=True)
+    assert len(seen) == calls
