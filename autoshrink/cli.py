@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from autoshrink.record import OBJECTIVES, State, StudyAttr
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2
@@ -157,18 +159,18 @@ def _print_summary(result, front_table, plan_table) -> None:
     console = Console()
     df = result.trials
     console.print(f"\n[bold]{result.out}[/bold]: {_counts(df)}")
-    if result.meta.get("timed_out"):
+    if result.meta.get(StudyAttr.TIMED_OUT):
         console.print("[yellow]Stopped by the time limit (--minutes)[/yellow]: add --resume --out "
                       f"{result.out} (and --minutes) to run the remaining trials.")
     mode = f"; the fastest within {result.max_drop:g} points of the teacher" if result.max_drop else ""
     console.print(f"Budget: {result.budget.describe()}{mode}.")
-    failed = df.loc[df["state"] == "FAIL", "error"].value_counts()
+    failed = df.loc[df["state"] == State.FAIL, "error"].value_counts()
     for error, n in failed.head(3).items():
         console.print(f"  [red]failed[/red] ×{n}: {error[:160]}", highlight=False)
     if len(failed) > 3:
         console.print(f"  ... and {int(failed.iloc[3:].sum())} more failures (see trials.csv)")
     if len(result.frontier):
-        console.print(front_table(df, {"accuracy": "max", "latency_ms": "min"}))
+        console.print(front_table(df, OBJECTIVES))
     best = result.best
     if best is None:
         constraints = result.budget.constraints()
@@ -202,14 +204,14 @@ def _print_summary(result, front_table, plan_table) -> None:
 def _counts(df) -> str:
     """``12 trials: 4 complete (1 missed the budget, not fine-tuned), 8 failed``: nonzero parts."""
     states = df["state"].value_counts().to_dict()
-    missed = int(((df["state"] == "COMPLETE") & (df["meets_budget"] == False)).sum())  # noqa: E712
+    missed = int(((df["state"] == State.COMPLETE) & (df["meets_budget"] == False)).sum())  # noqa: E712
     parts = []
-    if states.get("COMPLETE"):
-        parts.append(f"{states['COMPLETE']} complete"
+    if states.get(State.COMPLETE):
+        parts.append(f"{states[State.COMPLETE]} complete"
                      + (f" ({missed} missed the budget, not fine-tuned)" if missed else ""))
-    for state, text in (("PRUNED", "stopped early"), ("FAIL", "failed"),
-                        ("RUNNING", "unfinished (running, or interrupted: --resume re-runs it)"),
-                        ("WAITING", "waiting")):
+    for state, text in ((State.PRUNED, "stopped early"), (State.FAIL, "failed"),
+                        (State.RUNNING, "unfinished (running, or interrupted: --resume re-runs it)"),
+                        (State.WAITING, "waiting")):
         if states.get(state):
             parts.append(f"{states[state]} {text}")
     return f"{len(df)} trials" + (": " + ", ".join(parts) if parts else "")

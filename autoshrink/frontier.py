@@ -425,7 +425,8 @@ def near_ties(
     rows = df[ok & cheaper]
     if rows.empty:
         return rows
-    axes = {objective: "max", "latency_ms": "min"} if "latency_ms" in rows.columns else {objective: "max"}
+    axes = ({objective: Direction.MAX, "latency_ms": Direction.MIN} if "latency_ms" in rows.columns
+            else {objective: Direction.MAX})
     front = pareto_front(rows, axes)
     order = "latency_ms" if "latency_ms" in front.columns else objective
     return front.sort_values(order, ascending=order != objective, kind="stable").head(k)

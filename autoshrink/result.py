@@ -18,10 +18,10 @@ import pandas as pd
 
 from autoshrink._files import atomic_path, write_text_atomic
 from autoshrink.budget import Budget
+from autoshrink.record import OBJECTIVES, Reason, State, StudyAttr, TrialAttr
 
 __all__ = ["SearchResult", "load", "measure_teacher", "trials_frame"]
 
-OBJECTIVES = {"accuracy": "max", "latency_ms": "min"}
 COLUMNS = [
     "number", "state", "accuracy", "accuracy_se", "latency_ms", "size_mb", "mmacs", "bops",
     "params", "meets_budget", "finetune_s", "error",
@@ -81,18 +81,18 @@ def trials_frame(study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        row: dict[str, Any] = {"number": t.number, "state": State.of(t).value}
         for key in COLUMNS[2:] + EXTRA:
             row[key] = a.get(key)
-        if row["state"] == "FAIL" and not row["error"]:
-            row["error"] = "failed without a reason"
+        if row["state"] == State.FAIL and not row["error"]:
+            row["error"] = Reason.NO_REASON
         if row["finetune_s"] is None and t.state.is_finished():
             row["finetune_s"] = 0.0
         # a search samples Optuna params; a sweep records its given candidates' values
-        for name, value in (t.params or a.get("candidate_params", {})).items():
+        for name, value in (t.params or a.get(TrialAttr.CANDIDATE_PARAMS, {})).items():
             row[f"param_{name}"] = value
-        if "candidate_index" in a:  # a sweep's trial: the position of its candidate in the list given
-            row["candidate_index"] = a["candidate_index"]
+        if TrialAttr.CANDIDATE_INDEX in a:  # a sweep's trial: the position of its candidate in the list given
+            row[TrialAttr.CANDIDATE_INDEX] = a[TrialAttr.CANDIDATE_INDEX]
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
     for col in COLUMNS + EXTRA:
@@ -102,7 +102,7 @@ def trials_frame(study) -> pd.DataFrame:
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
     df["error"] = df["error"].fillna("").astype(str)
     ordered = COLUMNS + EXTRA + sorted(c for c in df.columns if c.startswith("param_"))
-    ordered += ["candidate_index"] if "candidate_index" in df.columns else []
+    ordered += [TrialAttr.CANDIDATE_INDEX] if TrialAttr.CANDIDATE_INDEX in df.columns else []
     return df[ordered].sort_values("number").reset_index(drop=True)
 
 
@@ -131,7 +131,7 @@ class SearchResult:
         """The Pareto-optimal trials (accuracy up, latency down) among those fine-tuned."""
         from autoshrink.frontier import pareto_front
 
-        done = self.trials[self.trials["state"] == "COMPLETE"]
+        done = self.trials[self.trials["state"] == State.COMPLETE]
         return pareto_front(done, OBJECTIVES)
 
     @property
@@ -150,14 +150,14 @@ class SearchResult:
         """The hand baseline and how it was made: uniform int8 at the smallest uniform pruning
         ratio found to meet the budget before the search (``budget_edge``), tried as trial 0.
         None when no such trial exists or it did not complete within the budget."""
-        edge = (self.meta.get("budget_edge") or {}).get("prune")
+        edge = (self.meta.get(StudyAttr.BUDGET_EDGE) or {}).get("prune")
         if edge is None or self.trials.empty:
             return None
         rows = self.trials[self.trials["number"] == 0]
         if rows.empty:
             return None
         row = rows.iloc[0]
-        if row.get("state") != "COMPLETE" or not row.get("meets_budget") == True or pd.isna(row.get("accuracy")):  # noqa: E712
+        if row.get("state") != State.COMPLETE or not row.get("meets_budget") == True or pd.isna(row.get("accuracy")):  # noqa: E712
             return None
         how = "unpruned" if edge == 0 else f"pruned {edge:.1%}"
         return row, f"uniform int8, {how}: the least uniform pruning that meets the budget"
@@ -188,8 +188,8 @@ class SearchResult:
             return Candidate.from_json(path.read_text())
         if self._study is not None:
             for t in self._study.get_trials(deepcopy=False):
-                if t.number == int(number) and "candidate" in t.user_attrs:
-                    return Candidate.from_dict(t.user_attrs["candidate"])
+                if t.number == int(number) and TrialAttr.CANDIDATE in t.user_attrs:
+                    return Candidate.from_dict(t.user_attrs[TrialAttr.CANDIDATE])
         raise KeyError(f"no candidate recorded for trial {number} in {self.out}")
 
     def layer_plan(self, number: int) -> list[dict]:
@@ -198,7 +198,7 @@ class SearchResult:
             return []
         for t in self._study.get_trials(deepcopy=False):
             if t.number == int(number):
-                layers = t.user_attrs.get("layers", [])
+                layers = t.user_attrs.get(TrialAttr.LAYERS, [])
                 total = sum(layer.get("mmacs", 0.0) for layer in layers) or 1.0
                 return [dict(layer, latency_share=layer.get("mmacs", 0.0) / total) for layer in layers]
         return []
@@ -364,12 +364,12 @@ def load(
         raise ValueError(f"{storage}: no study named {study_name!r}") from None
     attrs = study.user_attrs
     if max_drop is None:
-        max_drop = attrs.get("max_drop")
+        max_drop = attrs.get(StudyAttr.MAX_DROP)
     return SearchResult(
         out=out,
         trials=trials_frame(study),
-        teacher=attrs.get("teacher", {}),
-        budget=Budget(**attrs.get("budget", {})),
+        teacher=attrs.get(StudyAttr.TEACHER, {}),
+        budget=Budget(**attrs.get(StudyAttr.BUDGET, {})),
         max_drop=max_drop,
         meta=dict(attrs),
         _study=study,

@@ -15,6 +15,9 @@ here are the ones to keep at higher precision, and :func:`narrow_space` turns th
 smaller search space. :func:`plot_sensitivity` draws it as a heatmap.
 
 torch-pruning, torchao, matplotlib and rich are imported inside the functions that use them.
+
+Long module (~600 lines): the sweep, the table, the narrowed space and the heatmap share one
+row format; split by output only if a second table format appears.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import pandas as pd
 
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
+from autoshrink.record import KIND_SWEEP, StudyAttr, TrialAttr
 from autoshrink.task import Task
 
 __all__ = ["candidate_params", "grid", "start_order", "sweep"]
@@ -102,7 +103,16 @@ def sweep(
 
     _env.configure()
     from autoshrink.result import load
-    from autoshrink.search import _Driver, _open_study, _prepare_out, _Settings, default_workers
+    from autoshrink.search import (
+        DriverConfig,
+        TrialSettings,
+        default_storage,
+        default_threads,
+        default_workers,
+        open_study,
+        prepare_out,
+        run_trials,
+    )
 
     cands = list(candidates)
     for i, c in enumerate(cands):
@@ -111,36 +121,31 @@ def sweep(
     if not cands:
         raise ValueError("no candidates to evaluate")
     budget = budget or Budget()
-    out_dir = _prepare_out(out if out is not None else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
-    storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    out_dir = prepare_out(out if out is not None else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     import optuna
 
-    study = _open_study(storage, "autoshrink", optuna.samplers.RandomSampler(seed=seed), False,
-                        out_dir, None)
+    study = open_study(default_storage(out_dir), "autoshrink", optuna.samplers.RandomSampler(seed=seed), False,
+                       out_dir, None)
     workers = workers or default_workers()
-    threads = threads_per_worker or max(1, (os.cpu_count() or 2) // workers)
-    settings = _Settings(threads=threads, latency_threads=1, latency_runs=latency_runs,
-                         eval_every=0, seed=seed, lock_dir=None)
-    driver = _Driver(task, None, budget, study, out_dir, workers, settings, ray_address,
-                     False, progress)
-    driver.record_meta(kind="sweep", seed=seed, trials=len(cands))
+    settings = TrialSettings(threads=threads_per_worker or default_threads(workers), latency_threads=1,
+                             latency_runs=latency_runs, seed=seed)
+    config = DriverConfig(budget=budget, out=out_dir, workers=workers, settings=settings,
+                          ray_address=ray_address, early_stopping=False, progress=progress)
     queue = iter(start_order(task, cands, workers))
 
     def propose(trial):
         index = next(queue)
         cand = cands[index]
         # not "params": that user attribute is the parameter count (a metric)
-        trial.set_user_attr("candidate_params", candidate_params(cand))
-        trial.set_user_attr("candidate_index", index)
+        trial.set_user_attr(TrialAttr.CANDIDATE_PARAMS, candidate_params(cand))
+        trial.set_user_attr(TrialAttr.CANDIDATE_INDEX, index)
         return cand
 
-    try:
-        driver.run(len(cands), propose)
-    finally:
-        driver.close()
+    run_trials(task, study, len(cands), config, propose=propose,
+               meta={StudyAttr.KIND: KIND_SWEEP, StudyAttr.SEED: seed, StudyAttr.TRIALS: len(cands)})
     result = load(out_dir)
     result.write()
-    df = result.trials.sort_values("candidate_index", kind="stable").reset_index(drop=True)
+    df = result.trials.sort_values(TrialAttr.CANDIDATE_INDEX, kind="stable").reset_index(drop=True)
     df.attrs["out"] = str(out_dir)
     return df
 

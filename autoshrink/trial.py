@@ -23,7 +23,7 @@ from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.compress import Compressed, compress
 from autoshrink.compress.distill import StopTrial, finetune
-from autoshrink.compress.prune import _PRUNABLE
+from autoshrink.compress.prune import PRUNABLE
 from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
@@ -231,7 +231,7 @@ def _record_cost(result: TrialResult, comp: Compressed, x: torch.Tensor) -> Cost
     # the layers pruning leaves alone (the classifier head): in the plan too, with their bits
     listed = {c.layer for c in comp.prune_report.layers}
     for name, m in comp.pruned.named_modules():
-        if name and name not in listed and isinstance(m, _PRUNABLE):
+        if name and name not in listed and isinstance(m, PRUNABLE):
             n = m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
             result.layers.append({"layer": name, "bits": comp.bits.get(name, 32), "channels_before": n,
                                   "channels_after": n, "mmacs": cost.layer_macs.get(name, 0.0) / 1e6})
@@ -245,13 +245,13 @@ def _bits_only(bits: dict[str, int]) -> Candidate:
 def save_deployable(lowered: torch.nn.Module, example_input: torch.Tensor, path: Path) -> Path:
     """Save the lowered model as a ``torch.export`` program (loads with torch alone:
     ``torch.export.load(path).module()``), written to a temporary name then renamed."""
-    from autoshrink.compress.quantize import _batch_of_two
+    from autoshrink.compress.quantize import batch_of_two
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_unused_weights_(lowered)
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(
-        lowered, (_batch_of_two(example_input),), dynamic_shapes=({0: batch},), strict=False
+        lowered, (batch_of_two(example_input),), dynamic_shapes=({0: batch},), strict=False
     )
     with atomic_path(path) as tmp:
         torch.export.save(ep, tmp)

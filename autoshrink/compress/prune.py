@@ -27,7 +27,7 @@ from autoshrink.candidate import Candidate
 
 __all__ = ["LayerChange", "PruneReport", "find_head", "prunable_layers", "prune_"]
 
-_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def find_head(model: nn.Module, example_input: torch.Tensor) -> str | None:
     hooks = [
         m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod]))
         for m in model.modules()
-        if isinstance(m, _PRUNABLE)
+        if isinstance(m, PRUNABLE)
     ]
     try:
         with torch.no_grad():
@@ -106,7 +106,7 @@ def prunable_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     """Names of the layers a candidate can prune or quantize (Conv/Linear, the head excluded
     from pruning but not from quantization: see :func:`quantizable_layers`)."""
     head = find_head(model, example_input)
-    return [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE) and n != head]
+    return [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n != head]
 
 
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
@@ -159,7 +159,7 @@ def prune_(
 
     model.eval()
     head = find_head(model, example_input)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, _PRUNABLE) and n != head}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n != head}
     before = {n: _out_channels(m) for n, m in layers.items()}
     ignored_modules = [m for n, m in model.named_modules() if n == head or n in set(ignored)]
     params_before = sum(p.numel() for p in model.parameters())

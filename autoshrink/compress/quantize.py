@@ -113,14 +113,14 @@ def layer_bits(model: nn.Module, candidate: Candidate) -> dict[str, int]:
     return {n: candidate.bits_for(n) for n in quantizable_layers(model)}
 
 
-def _batch_of_two(example_input: torch.Tensor) -> torch.Tensor:
+def batch_of_two(example_input: torch.Tensor) -> torch.Tensor:
     # Exporting with a batch of 1 would specialise the batch dimension to 1.
     return example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
     """``torch.export`` the model with a dynamic batch dimension, as a GraphModule."""
-    x = _batch_of_two(example_input)
+    x = batch_of_two(example_input)
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
     gm = ep.module()

@@ -1,0 +1,248 @@
+"""The controller: an Optuna study asks for candidates, Ray runs them as trials.
+
+Optuna's storage (``study.db`` in the run folder by default, any RDB URL otherwise) is the one
+record of every trial: its parameters, metrics, state and failure reason (keys in
+:mod:`autoshrink.record`). Objectives: maximise accuracy, minimise latency; the budget is a
+constraint (each trial's relative excess over each limit, ``Trial.set_constraint``), so
+TPE/NSGA-II learn where the feasible region is.
+
+:func:`search` validates its arguments into a frozen :class:`SearchConfig` and wires the parts,
+one module each: ``preflight`` (checks before any trial, the budget edge), ``baselines``,
+``storage`` (run folder, study), ``samplers``, ``driver`` (ask/tell, also what ``sweep`` runs),
+``ray_backend``, ``rungs`` (early stopping) and ``accounting`` (which trials count: pure
+functions over ``FrozenTrial`` lists).
+"""
+
+from __future__ import annotations
+
+import os
+
+from autoshrink import _env
+from autoshrink.budget import Budget
+from autoshrink.record import METRIC_ATTRS, NOT_COUNTED, Reason, StudyAttr, TrialAttr
+from autoshrink.search.baselines import FirstChoice, as_sampled, baselines, space_defaults
+from autoshrink.search.config import (
+    DEFAULT_LATENCY_TARGET,
+    LATENCY_PRECHECK_TOLERANCE,
+    LATENCY_PRECHECK_TRIES,
+    SCREEN_FACTOR,
+    DriverConfig,
+    SearchConfig,
+    SearchError,
+    TrialSettings,
+    default_threads,
+    default_workers,
+    validate_counts,
+)
+from autoshrink.search.driver import Driver, run_trials
+from autoshrink.search.preflight import (
+    budget_edge,
+    cheapest,
+    check_exportable,
+    check_reachable,
+    uniform_ratios,
+)
+from autoshrink.search.ray_backend import CLUSTER_MODE_VAR
+from autoshrink.search.samplers import SAMPLERS, grid_size, make_sampler
+from autoshrink.search.storage import check_run_folder, default_storage, open_study, prepare_out
+from autoshrink.space import SearchSpace
+from autoshrink.task import Task
+
+__all__ = [
+    "CLUSTER_MODE_VAR",
+    "DEFAULT_LATENCY_TARGET",
+    "INTERRUPTED",
+    "LATENCY_PRECHECK_TOLERANCE",
+    "LATENCY_PRECHECK_TRIES",
+    "METRIC_ATTRS",
+    "NOT_COUNTED",
+    "SAMPLERS",
+    "SCREEN_FACTOR",
+    "SURPLUS",
+    "Driver",
+    "DriverConfig",
+    "FirstChoice",
+    "SearchConfig",
+    "SearchError",
+    "TrialSettings",
+    "as_sampled",
+    "baselines",
+    "budget_edge",
+    "check_exportable",
+    "check_reachable",
+    "check_run_folder",
+    "cheapest",
+    "default_storage",
+    "default_threads",
+    "default_workers",
+    "make_sampler",
+    "open_study",
+    "prepare_out",
+    "run_trials",
+    "search",
+    "space_defaults",
+    "uniform_ratios",
+]
+
+# the driver's own error texts, under their earlier names
+INTERRUPTED = Reason.INTERRUPTED
+SURPLUS = Reason.SURPLUS
+
+
+def search(
+    task: Task,
+    space: SearchSpace | str | os.PathLike | None = None,
+    budget: Budget | None = None,
+    *,
+    trials: int = 40,
+    workers: int | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    sampler: str = "tpe",
+    storage: str | None = None,
+    study_name: str = "autoshrink",
+    ray_address: str | None = None,
+    threads_per_worker: int | None = None,
+    latency_threads: int = 1,
+    latency_runs: int = 60,
+    early_stopping: bool = True,
+    enqueue_baselines: bool = True,
+    progress: bool = True,
+    max_drop: float | None = None,
+    latency_target: str | None = None,
+    screening: bool = True,
+    minutes: float | None = None,
+):
+    """Search for the best compression of ``task.model`` under ``budget``.
+
+    Args:
+        task: teacher, data and metric (e.g. ``autoshrink.tasks.get("digits")``).
+        space: a :class:`SearchSpace`, a YAML path, or None for the bundled default.
+        budget: hardware limits (default: no limits).
+        trials: candidates to fine-tune in the study (a resumed study counts its finished
+            trials). A candidate that misses the budget is measured (seconds), recorded and not
+            fine-tuned; with ``screening`` it does not count, up to ``4 × trials`` of them.
+        workers: trials in flight at once (default: :func:`default_workers`).
+        out: run folder (default ``runs/<timestamp>``).
+        resume: continue the study in ``out`` (interrupted trials are failed and re-run).
+        seed: seeds the sampler and fine-tuning; the same seed, space and task give the same
+            sequence of candidates.
+        sampler: "tpe" (with constraints, default), "nsga2", "random", or "grid" (every point of
+            :meth:`SearchSpace.grid` once, in a seeded order; needs a space without continuous
+            ranges; ``trials`` is capped at the grid's size plus the baselines).
+        storage: an Optuna storage URL (default ``sqlite:///<out>/study.db``).
+        study_name: the study's name in the storage (several drivers may share one).
+        ray_address: join an existing Ray cluster instead of starting a local one.
+        latency_target: the custom Ray resource that marks the node to time latency on (the
+            deployment hardware). None: ``"latency_target"`` if the cluster offers it, else each
+            trial times in its own process. A name the cluster does not offer is an error.
+        threads_per_worker: torch threads per trial (default: cores // workers).
+        latency_threads: threads while timing latency.
+        latency_runs: timed runs per latency measurement.
+        early_stopping: stop fine-tunes that another trial clearly dominates mid-way.
+        enqueue_baselines: try the uniform baselines first (new studies only).
+        progress: show a progress bar.
+        max_drop: accuracy-constraint mode: pick the fastest trial within this many points of
+            the teacher.
+        screening: do not count candidates that miss the budget towards ``trials`` (see
+            there); False: every candidate counts. Off for ``sampler="grid"`` (each point once).
+        minutes: start no new trial after this many minutes (the running ones finish; the
+            result's ``meta["timed_out"]`` says so; ``resume=True`` continues). None: no limit.
+
+    Returns:
+        A :class:`autoshrink.result.SearchResult`.
+
+    Raises:
+        SearchError: unusable run folder, resume mismatch, unknown sampler, or a budget that
+            even the space's cheapest configuration misses (the message names the minimum).
+        TaskError: a model that ``torch.export`` cannot capture.
+        KeyboardInterrupt: after Ctrl-C or SIGTERM, once the trials so far are recorded and the
+            run folder's files written (``resume=True`` continues).
+        SpaceError: a space that does not fit the model, or a continuous knob with ``sampler="grid"``.
+
+    Example:
+        >>> import autoshrink as ash
+        >>> task = ash.tasks.get("digits")                                     # doctest: +SKIP
+        >>> result = ash.search(task, None, ash.Budget(latency_ms=5), trials=12)  # doctest: +SKIP
+        >>> result.best                                                        # doctest: +SKIP
+    """
+    _env.configure()
+
+    from autoshrink.compress.quantize import quantizable_layers
+    from autoshrink.result import load
+
+    budget = budget or Budget()
+    validate_counts(trials, workers, minutes)
+    if space is None:
+        space = SearchSpace.default()
+    elif not isinstance(space, SearchSpace):
+        space = SearchSpace.from_yaml(space)
+    space = space.bind(quantizable_layers(task.model))
+    out_dir = check_run_folder(out, resume=resume, storage=storage, study_name=study_name,
+                               space=space, budget=budget)
+    workers = workers or default_workers()
+    sampler_obj = make_sampler(sampler, seed, space)
+    size = grid_size(sampler_obj)
+    if size is not None:  # grid: each point once, plus the baselines
+        trials = min(trials, size + (len(baselines(space)) if enqueue_baselines else 0))
+    config = SearchConfig(
+        trials=trials, workers=workers, out=out_dir, storage=storage or default_storage(out_dir),
+        study_name=study_name, join=storage is not None, resume=resume, seed=seed, sampler=sampler,
+        ray_address=ray_address,
+        settings=TrialSettings(threads=threads_per_worker or default_threads(workers),
+                               latency_threads=latency_threads, latency_runs=latency_runs, seed=seed),
+        early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
+        max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
+    )
+    return _run(task, space, budget, config, sampler_obj, load)
+
+
+def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, sampler_obj, load):
+    """Preflight, open the study, enqueue baselines and re-runs, drive, write the run folder."""
+    if not config.resume:  # a resumed study passed these checks when it began
+        check_exportable(task)
+    check_reachable(task, space, budget, config.settings, latency=config.time_here)
+    study = open_study(config.storage, config.study_name, sampler_obj, config.resume, config.out, space,
+                       config.join, budget)
+
+    # a grid is walked point by point: every point counts, met or missed
+    screen_limit = 0 if grid_size(sampler_obj) is not None or not config.screening else SCREEN_FACTOR * config.trials
+    driver = Driver(task=task, space=space, study=study, config=config.driver(budget, screen_limit))
+    driver.record_meta(**{StudyAttr.SAMPLER: config.sampler, StudyAttr.SEED: config.seed,
+                          StudyAttr.TRIALS: config.trials, StudyAttr.MAX_DROP: config.max_drop})
+    requeue = driver.fail_interrupted()
+    if config.enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not config.resume:
+        _enqueue_baselines(task, space, budget, config, study)
+    for number, params in requeue:
+        study.enqueue_trial(params, user_attrs={TrialAttr.RERUN_OF: number})
+    try:
+        driver.run(config.trials)
+    finally:
+        driver.close()
+    study.set_user_attr(StudyAttr.TIMED_OUT, driver.timed_out)
+    result = load(config.out, storage=config.storage, study_name=config.study_name, max_drop=config.max_drop)
+    result.write()
+    if driver.interrupted:  # Ctrl-C / SIGTERM: what is done is recorded and written; stop here
+        raise KeyboardInterrupt(
+            f"interrupted; the trials so far are recorded in {config.out} (trials.csv, pareto.png): "
+            "continue with --resume (resume=True) and the same arguments"
+        )
+    return result
+
+
+def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, study) -> None:
+    """The uniform int8 baselines, first in a new study; under a latency budget timed here,
+    starting at the budget edge."""
+    edge = None
+    if config.time_here and budget.latency_ms is not None:
+        found = budget_edge(task, space, budget, config.settings)
+        study.set_user_attr(StudyAttr.BUDGET_EDGE, found)
+        edge = found and found["prune"]
+        if edge is not None and config.progress:
+            print(f"budget edge: uniform int8 pruned {edge:.1%} meets {budget.describe()} "
+                  f"({len(found['probes'])} probes, {found['seconds']:.0f} s); tried first")
+    for cand in baselines(space, space_defaults(space), edge)[:config.trials]:
+        # (more would stay WAITING in the study)
+        study.enqueue_trial(space.candidate_params(cand), skip_if_exists=True)
+

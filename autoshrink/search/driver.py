@@ -1,0 +1,320 @@
+"""The ask/tell driver: keeps ``workers`` Ray tasks in flight and records every outcome in the
+study.
+
+Optuna's ask/tell interface costs ~0.03 s per trial (Ray Tune would add ~1 s per trial and a
+second record to keep consistent). Under a latency budget, the sampler sees a feasible trial's
+latency raised to the budget: the goal is the most accurate model within it, and a model faster
+than needed is not better (``trials.csv`` keeps the measured latency). A candidate that misses
+the budget is never fine-tuned; it is recorded with its measured cost and an accuracy of 0 for
+the sampler (NaN in ``trials.csv``: it was not measured).
+
+:func:`run_trials` is the entry point for callers outside the search (``sweep``);
+:func:`autoshrink.search` drives a :class:`Driver` itself, to enqueue its baselines in between.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from autoshrink._files import write_text_atomic
+from autoshrink.candidate import Candidate
+from autoshrink.record import (
+    METRIC_ATTRS,
+    RECORD_ATTRS,
+    Reason,
+    State,
+    StudyAttr,
+    TrialAttr,
+)
+from autoshrink.search import accounting
+from autoshrink.search.config import DriverConfig
+from autoshrink.search.ray_backend import latency_meter, ray_reason, ship_user_code_by_value, start_ray
+from autoshrink.space import SearchSpace
+from autoshrink.task import Task
+
+__all__ = ["DRIVER_ID", "Driver", "driver_alive", "run_trials"]
+
+#: who asked for a trial: ``"host:pid"`` of this process
+DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_trials(task: Task, study, total: int, config: DriverConfig, *, space: SearchSpace | None = None,
+               propose: Callable[[Any], Candidate] | None = None, meta: dict | None = None) -> Driver:
+    """Record the run's metadata in ``study``, then run trials until ``total`` count.
+
+    Args:
+        task: teacher, data, metric.
+        study: the Optuna study to record into (see :func:`autoshrink.search.open_study`).
+        total: trials that count towards the end (see :mod:`autoshrink.search.accounting`).
+        config: workers, budget, run folder, ...
+        space: the search space trials are sampled from (None: ``propose`` gives each candidate).
+        propose: ``propose(trial) -> Candidate``; default: sample ``space``.
+        meta: further study attributes to record (``StudyAttr`` keys).
+
+    Returns:
+        The finished driver: its ``timed_out`` and ``interrupted`` say how the run ended.
+    """
+    driver = Driver(task=task, space=space, study=study, config=config)
+    driver.record_meta(**(meta or {}))
+    try:
+        driver.run(total, propose)
+    finally:
+        driver.close()
+    return driver
+
+
+class Driver:
+    """Keeps ``config.workers`` trials in flight, records every outcome in the study.
+
+    Args:
+        task: teacher, data, metric (None for a driver that only tells and counts).
+        space: the search space (None when candidates are proposed, as in a sweep).
+        study: the Optuna study.
+        config: the rest (see :class:`~autoshrink.search.config.DriverConfig`).
+    """
+
+    def __init__(self, *, task: Task | None, space: SearchSpace | None, study, config: DriverConfig) -> None:
+        self.task, self.space, self.study, self.config = task, space, study, config
+        self.budget = config.budget
+        self.out = config.out
+        self.timed_out = False  # the `minutes` limit stopped new trials
+        self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the run
+        self._ray_started = False
+        self._stop = False
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def record_meta(self, **extra: Any) -> None:
+        """Record what the run is made with (space, budget, task, ``extra``) and, once, the
+        teacher's measured figures."""
+        from autoshrink.result import measure_teacher
+
+        s = self.study
+        attrs = s.user_attrs
+        if self.space is not None:
+            s.set_user_attr(StudyAttr.SPACE_FINGERPRINT, self.space.fingerprint())
+            s.set_user_attr(StudyAttr.SPACE_SOURCE, self.space.source)
+            s.set_user_attr(StudyAttr.SPACE, self.space.to_dict())
+        s.set_user_attr(StudyAttr.BUDGET, self.budget.constraints())
+        s.set_user_attr(StudyAttr.TASK, self.task.name)
+        s.set_user_attr(StudyAttr.TASK_DESCRIPTION, self.task.description)
+        for k, v in extra.items():
+            s.set_user_attr(k, v)
+        if StudyAttr.TEACHER not in attrs:
+            settings = self.config.settings
+            s.set_user_attr(StudyAttr.TEACHER, measure_teacher(self.task, settings.latency_threads,
+                                                                settings.latency_runs))
+
+    def fail_interrupted(self) -> list[tuple[int, dict]]:
+        """Trials a stopped driver left unfinished, to re-run: those a killed driver left RUNNING
+        are marked FAIL (interrupted) here; those a stopped one (Ctrl-C) marked so itself.
+
+        Returns:
+            ``(number, params)`` of each interrupted trial that no later trial re-runs yet.
+        """
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False, states=(State.RUNNING.optuna,)):
+            if driver_alive(t.user_attrs.get(TrialAttr.DRIVER)):
+                continue  # another live driver on this storage owns it
+            optuna.Trial(self.study, t._trial_id).set_user_attr(TrialAttr.ERROR, Reason.INTERRUPTED)
+            self.study.tell(t.number, state=State.FAIL.optuna)
+        return accounting.reruns(self.study.get_trials(deepcopy=False))
+
+    def committed(self) -> int:
+        """Trials that count, running ones included (see :func:`accounting.committed`)."""
+        return accounting.committed(self.study.get_trials(deepcopy=False), self.config.screen_limit)
+
+    def finished(self) -> int:
+        return accounting.finished(self.study.get_trials(deepcopy=False), self.config.screen_limit)
+
+    def surplus(self, number: int, total: int) -> bool:
+        """True if trial ``number`` is beyond the total (see :func:`accounting.is_surplus`)."""
+        return accounting.is_surplus(self.study.get_trials(deepcopy=False), number, total,
+                                     self.config.screen_limit)
+
+    # -- ray ----------------------------------------------------------------------------------------
+    def start_ray(self) -> None:
+        """Join the configured cluster, or start a local Ray (shut down by :meth:`close`)."""
+        started = start_ray(self.config.ray_address, self.config.workers * self.config.settings.threads)
+        self._ray_started = self._ray_started or started
+
+    def latency_meter(self):
+        """A ``LatencyMeter`` actor on the latency-target node, or None (see
+        :func:`autoshrink.search.ray_backend.latency_meter`)."""
+        settings = self.config.settings
+        return latency_meter(self.study, self.task, self.config.latency_target, settings.latency_runs,
+                             settings.latency_threads)
+
+    def close(self) -> None:
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
+
+    # -- main loop ----------------------------------------------------------------------------------
+    def run(self, total: int, propose: Callable[[Any], Candidate] | None = None) -> None:
+        """Run trials until ``total`` count in the study, or ``minutes`` have passed (then the
+        trials in flight finish, and no new one starts; the first always starts).
+
+        Args:
+            propose: ``propose(trial) -> Candidate``; default: sample the space.
+        """
+        started = time.monotonic()
+        begun = 0
+        import optuna
+        import ray
+
+        from autoshrink._progress import ProgressView
+        from autoshrink._worker import run_trial
+        from autoshrink.compress.distill import teacher_logits
+        from autoshrink.search.rungs import Rungs
+
+        cfg, settings = self.config, self.config.settings
+        if self.committed() >= total:
+            return
+        self.start_ray()
+        ship_user_code_by_value(self.task)
+        task_ref = ray.put(self.task)
+        logits = teacher_logits(self.task.model, self.task.train_data)
+        logits_ref = ray.put(logits)
+        remote = ray.remote(num_cpus=settings.threads, max_retries=1)(run_trial)
+        rungs = ray.remote(num_cpus=0)(Rungs).remote() if cfg.early_stopping else None
+        if rungs is not None:  # a resumed study's earlier fine-tunes still count as rivals
+            rungs.seed.remote({
+                t.number: [(step, acc, t.user_attrs.get(TrialAttr.LATENCY_MS),
+                            t.user_attrs.get(TrialAttr.CANDIDATE, {}).get("finetune_steps"))
+                           for step, acc in t.user_attrs[TrialAttr.HISTORY]]
+                for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(TrialAttr.HISTORY)
+            })
+        meter = self.latency_meter()
+        budget = self.budget.constraints()
+        view = ProgressView(total, self.finished(), enabled=cfg.progress)
+        inflight: dict[Any, tuple[optuna.trial.Trial, Candidate]] = {}
+        old_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            while not self._stop:
+                while len(inflight) < cfg.workers and self.committed() < total:
+                    if (cfg.minutes is not None and begun
+                            and time.monotonic() - started > 60 * cfg.minutes):
+                        if not self.timed_out:
+                            self.timed_out = True
+                            view.note(f"time limit: {cfg.minutes:g} min passed; finishing the "
+                                      f"{len(inflight)} trial(s) running, starting no more "
+                                      "(--resume continues)")
+                        break
+                    begun += 1
+                    trial = self.study.ask()
+                    trial.set_user_attr(TrialAttr.DRIVER, DRIVER_ID)
+                    if self.surplus(trial.number, total):
+                        trial.set_user_attr(TrialAttr.ERROR, Reason.SURPLUS)
+                        self.study.tell(trial, state=State.FAIL.optuna)
+                        break
+                    cand = propose(trial) if propose is not None else self.space.sample(trial)
+                    trial.set_user_attr(TrialAttr.CANDIDATE, cand.to_dict())
+                    ctx = {
+                        "threads": settings.threads,
+                        "latency_threads": settings.latency_threads,
+                        "latency_runs": settings.latency_runs,
+                        "eval_every": max(40, cand.finetune_steps // 3) if cfg.early_stopping else 0,
+                        "artifact_dir": str((self.out / "trials" / f"{trial.number:04d}").resolve()),
+                        "seed": settings.seed + trial.number,
+                        "lock_dir": settings.lock_dir,
+                        "meter": meter,
+                    }
+                    ref = remote.remote(task_ref, cand.to_dict(), budget, ctx, logits_ref, rungs,
+                                        trial.number)
+                    inflight[ref] = (trial, cand)
+                    view.started(trial.number, cand)
+                if not inflight:
+                    break
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    trial, cand = inflight.pop(ref)
+                    try:
+                        metrics = ray.get(ref)
+                    except Exception as exc:  # worker died (OOM killer, kill -9, node lost)
+                        metrics = {"state": State.FAIL.value, TrialAttr.ERROR: ray_reason(exc)}
+                    self.tell(trial, cand, metrics)
+                    view.finished(trial.number, metrics, self.budget, done=self.finished())
+        except KeyboardInterrupt:
+            self._stop = self.interrupted = True
+            view.note("interrupted: stopping, recording what is done")
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+            for ref, (trial, _cand) in inflight.items():
+                # best effort: Ctrl-C in a terminal also reaches Ray's own processes, and a
+                # trial left RUNNING is failed and re-run by the next resume anyway
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                try:
+                    trial.set_user_attr(TrialAttr.ERROR, Reason.INTERRUPTED)
+                    self.study.tell(trial, state=State.FAIL.optuna)
+                except Exception:  # noqa: BLE001
+                    pass
+            view.close()
+
+    def _on_term(self, *_args) -> None:
+        raise KeyboardInterrupt
+
+    def tell(self, trial, cand: Candidate, m: dict) -> None:
+        """Record a trial's outcome ``m`` (``TrialResult.metrics()``) and tell the study; its
+        files go to ``out/trials/NNNN`` (the model only for a fine-tuned trial within budget)."""
+        for key in METRIC_ATTRS:
+            if key in m and m[key] is not None:
+                trial.set_user_attr(key, m[key])
+        for key in RECORD_ATTRS:
+            if m.get(key):
+                trial.set_user_attr(key, m[key])
+        state = State(m.get("state", State.FAIL))
+        limited = (TrialAttr.LATENCY_MS, TrialAttr.SIZE_MB, TrialAttr.MMACS)
+        violations = self.budget.violations({k: m.get(k) for k in limited if m.get(k) is not None})
+        # relative excess over each limit: <= 0 is feasible (Optuna's convention)
+        for key, limit in self.budget.constraints().items():
+            value = m.get(key)
+            trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
+        if state is State.FAIL:
+            trial.set_user_attr(TrialAttr.ERROR, m.get(TrialAttr.ERROR) or Reason.NO_REASON)
+            self.study.tell(trial, state=State.FAIL.optuna)
+        elif state is State.PRUNED:
+            self.study.tell(trial, state=State.PRUNED.optuna)
+        else:
+            accuracy = m.get(TrialAttr.ACCURACY) if not violations else None
+            latency = m.get(TrialAttr.LATENCY_MS)
+            if latency is not None and not violations and self.budget.latency_ms is not None:
+                # under a latency budget the goal is the most accurate model within it: being
+                # faster than the budget is worth nothing, so the sampler is told so
+                latency = max(latency, self.budget.latency_ms)
+            values = [accuracy if accuracy is not None else 0.0,
+                      latency if latency is not None else 1e9]
+            self.study.tell(trial, values)
+        if state is not State.COMPLETE or violations:
+            (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)
+        write_text_atomic(self.out / "trials" / f"{trial.number:04d}" / "candidate.json", cand.to_json())
+
+
+def driver_alive(driver: str | None) -> bool:
+    """True if ``driver`` ("host:pid") is a running process on this host (other hosts: assumed
+    alive, we cannot tell; their trials stay RUNNING until that driver resumes them)."""
+    if not driver or ":" not in driver:
+        return False
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    if int(pid) == os.getpid():
+        return False  # our own earlier session in this process cannot still be running
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,227 @@
+"""Checks before any trial runs, and the budget edge: what the driver measures itself.
+
+A model ``torch.export`` cannot capture, or a budget even the space's cheapest configuration
+misses, would fail or waste every trial; each is said once, before the search, naming what to
+change. The budget edge finds, by bisection, the least uniform pruning that meets the budget,
+so that the hand-tuned configuration is the first trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from typing import Any
+
+from autoshrink.budget import Budget
+from autoshrink.candidate import Candidate
+from autoshrink.record import TrialAttr
+from autoshrink.search.baselines import as_sampled, baselines, space_defaults
+from autoshrink.search.config import (
+    LATENCY_PRECHECK_TOLERANCE,
+    LATENCY_PRECHECK_TRIES,
+    SearchError,
+    TrialSettings,
+)
+from autoshrink.space import SearchSpace
+from autoshrink.task import Task
+
+__all__ = ["budget_edge", "check_exportable", "check_reachable", "cheapest", "timing_context", "uniform_ratios"]
+
+
+def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
+                base: Candidate | None = None) -> dict | None:
+    """The smallest uniform pruning ratio at which the all-int8 model meets ``budget``, by
+    bisection over the space's pruning steps on exact size/MACs and *measured* latency (no
+    fine-tuning: each probe costs one compress-lower-compile-time, a few seconds).
+
+    It turns the fixed baselines into budget-aware ones (the hand-tuned config is tried first)
+    and keeps the search from spending trials on uniform ratios known to miss the budget.
+    Assumes more pruning is never slower, which holds up to timing noise.
+
+    Returns:
+        ``{"prune": ratio, "probes": [[ratio, latency_ms, size_mb, mmacs, meets], ...],
+        "seconds": s, "error": ""}``; ``prune`` is None when no uniform ratio meets the budget
+        or a probe failed (``error`` says why): the fixed baselines are used then. None when the
+        budget sets no limit.
+    """
+    from autoshrink.trial import evaluate
+
+    limits = budget.constraints()
+    if not limits:
+        return None
+    start = time.perf_counter()
+    base = base or space_defaults(space)
+    ratios = uniform_ratios(space)
+    probe_budget = Budget(**{**limits, "latency_ms": 1e-9 if "latency_ms" in limits else None})
+    ctx = timing_context(settings)
+    probes: list[list] = []
+    seen: dict[float, bool] = {}
+
+    def meets(i: int) -> bool:
+        ratio = ratios[i]
+        if ratio not in seen:
+            cand = as_sampled(space, baselines(space, base, edge=ratio)[0])
+            r = evaluate(task, cand, probe_budget, ctx)
+            if r.error:
+                raise RuntimeError(r.error)
+            metrics = {TrialAttr.LATENCY_MS: r.latency_ms, TrialAttr.SIZE_MB: r.size_mb,
+                       TrialAttr.MMACS: r.mmacs}
+            ok = all(metrics[k] is not None and metrics[k] <= v for k, v in limits.items())
+            seen[ratio] = ok
+            probes.append([ratio, r.latency_ms, r.size_mb, r.mmacs, ok])
+        return seen[ratio]
+
+    edge: float | None = None
+    error = ""
+    try:
+        if meets(0):
+            edge = ratios[0]
+        elif meets(len(ratios) - 1):
+            lo, hi = 0, len(ratios) - 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+            edge = ratios[hi]
+    except Exception as exc:  # noqa: BLE001 - each trial records its own failure; no verdict here
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    return {"prune": edge, "probes": probes, "seconds": round(time.perf_counter() - start, 1),
+            "error": error}
+
+
+def timing_context(settings: TrialSettings):
+    """How the driver itself measures a candidate (budget checks before the search): as a trial
+    does, under the machine lock."""
+    from autoshrink.measure.latency import MachineLock
+    from autoshrink.trial import TrialContext
+
+    return TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
+                        latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+
+
+def uniform_ratios(space: SearchSpace) -> list[float]:
+    """The uniform pruning ratios worth telling apart: every rule's pruning steps (eighths for
+    a continuous range), from 0 to the highest ratio any rule allows."""
+    from autoshrink.space import Range
+
+    values: set[float] = {0.0}
+    for rule in space.to_dict()["layers"]:
+        knob = rule.get("prune")
+        if isinstance(knob, dict):
+            stepped = Range(low=knob["low"], high=knob["high"], step=knob.get("step") or 0.125)
+            values.update(round(v, 6) for v in stepped.values())
+            if not knob.get("step"):  # a continuous range: its top too
+                values.add(round(knob["high"], 6))
+        elif isinstance(knob, list):
+            values.update(float(v) for v in knob)
+        elif isinstance(knob, (int, float)):
+            values.add(float(knob))
+    return sorted(v for v in values if 0.0 <= v < 1.0)
+
+
+def cheapest(space: SearchSpace) -> Candidate:
+    """The space's smallest, lightest configuration: every rule at its lowest bits and its
+    highest pruning ratio (and no channel rounding when the space allows it)."""
+    spec = space.to_dict()
+
+    def top(knob: Any) -> float:
+        if isinstance(knob, dict):  # a range
+            if knob.get("step"):
+                return knob["low"] + math.floor((knob["high"] - knob["low"]) / knob["step"] + 1e-9) * knob["step"]
+            return knob["high"]
+        return max(knob) if isinstance(knob, list) else knob
+
+    bits, prune = {}, {}
+    for rule in spec["layers"]:
+        if rule.get("bits") is not None:
+            b = rule["bits"]
+            bits[rule["pattern"]] = min(b) if isinstance(b, list) else b
+        if rule.get("prune") is not None:
+            prune[rule["pattern"]] = top(rule["prune"])
+    rounding = spec.get("round_to")
+    if isinstance(rounding, list):
+        rounding = None if None in rounding else min(rounding)
+    return Candidate(bits=bits, prune=prune, default_bits=spec["defaults"]["bits"],
+                     default_prune=spec["defaults"]["prune"], finetune_steps=0, round_to=rounding)
+
+
+def check_exportable(task: Task) -> None:
+    """Quantization and the saved model both go through ``torch.export``: a model it cannot
+    capture would fail every trial, so say so once, before any trial runs.
+
+    Raises:
+        TaskError: naming the failure and the usual fix.
+    """
+    import copy
+
+    from autoshrink.compress.quantize import export_model
+    from autoshrink.task import TaskError
+
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # torch logs and prints the partial graph; the error says it all
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            export_model(copy.deepcopy(task.model).eval(), task.example_input)
+    except Exception as exc:  # the user's model: any failure here is the same finding
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise TaskError(
+            f"the model cannot be captured by torch.export, which quantization and the saved model "
+            f"need: {type(exc).__name__}: {first[:300]}. The usual cause is Python control flow on "
+            "tensor values (`if x.sum() > 0:`); express it with torch.where or torch.cond"
+        ) from exc
+    finally:
+        logging.disable(quiet)
+
+
+def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
+                    latency: bool) -> None:
+    """Fail early when even the cheapest configuration of the space misses the budget, naming
+    the minimum achievable. Size and MACs are computed exactly (~1 s); latency, when ``latency``
+    is set, is measured on the compiled cheapest model, with a tolerance for timing noise, and
+    measured again (up to ``LATENCY_PRECHECK_TRIES`` times, the fastest counts) before refusing.
+
+    Raises:
+        SearchError: naming the cheapest configuration's figures and what to change.
+    """
+    from autoshrink.compress import compress
+    from autoshrink.measure.flops import model_cost
+    from autoshrink.trial import evaluate
+
+    limits = budget.constraints()
+    if not limits:
+        return
+    low = cheapest(space)
+    x = task.example_input
+    try:
+        comp = compress(task.model, low, x)
+        cost = model_cost(comp.pruned, x, comp.bits)
+    except Exception:  # noqa: BLE001 - each trial will record its own failure; no verdict here
+        return
+    found = {TrialAttr.SIZE_MB: cost.size_mb, TrialAttr.MMACS: cost.mmacs}
+    units = {TrialAttr.SIZE_MB: "MB", TrialAttr.MMACS: "MMACs", TrialAttr.LATENCY_MS: "ms"}
+    missed = {k: v for k, v in found.items() if k in limits and v > limits[k]}
+    if not missed and latency and budget.latency_ms is not None:
+        ctx = timing_context(settings)
+        fastest = math.inf
+        for _ in range(LATENCY_PRECHECK_TRIES):
+            try:  # a budget no model meets: evaluate() stops right after timing the lowered model
+                r = evaluate(task, low, Budget(latency_ms=1e-9), ctx)
+            except Exception:  # noqa: BLE001
+                return
+            if r.latency_ms is None:
+                return
+            fastest = min(fastest, r.latency_ms)
+            if fastest <= budget.latency_ms * LATENCY_PRECHECK_TOLERANCE:
+                break
+        else:
+            missed[TrialAttr.LATENCY_MS] = fastest
+    if missed:
+        got = ", ".join(f"{k} {v:.4g} {units[k]} > {limits[k]:g}" for k, v in missed.items())
+        least = ", ".join(f"{k} {v:.4g} {units[k]}" for k, v in missed.items())
+        raise SearchError(
+            f"no configuration of the space {space.source} can meet the budget "
+            f"({budget.describe()}): even the cheapest one (lowest bits, most pruning) has {got}. "
+            f"The minimum achievable is about {least}: raise the budget or widen the space"
+        )
