@@ -20,10 +20,10 @@ import argparse
 import time
 
 import autoshrink as ash
+from autoshrink.record import State, TrialAttr
 
 
 def analyse(out: str, workers: int, started: float | None = None) -> None:
-    import optuna
 
     result = ash.load(out)
     study = result._study
@@ -39,8 +39,8 @@ def analyse(out: str, workers: int, started: float | None = None) -> None:
         wall = (t.datetime_complete - t.datetime_start).total_seconds()
         work = [float(t.user_attrs.get(p) or 0.0) for p in parts]
         work_sum += sum(work)
-        state = t.state.name if t.state != optuna.trial.TrialState.COMPLETE else (
-            "COMPLETE" if t.user_attrs.get("meets_budget") else "INFEAS.")
+        state = t.state.name if State.of(t) is not State.COMPLETE else (
+            State.COMPLETE.value if t.user_attrs.get(TrialAttr.MEETS_BUDGET) else "INFEAS.")
         print(f"{t.number:>5} {state:>9} {wall:8.1f} " + " ".join(f"{w:9.1f}" for w in work)
               + f" {wall - sum(work):9.1f}")
     first = min(t.datetime_start for t in trials).timestamp()

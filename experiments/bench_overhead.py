@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import autoshrink as ash
+from autoshrink.record import STUDY_DIRECTIONS
 
 WORK = ("compress_s", "measure_s", "finetune_s", "evaluate_s")
 
@@ -86,7 +87,7 @@ def predictor(task, space, n: int, seed: int) -> None:
     from autoshrink.measure.predictor import LatencyPredictor
 
     sampler = optuna.samplers.RandomSampler(seed=seed)
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study = optuna.create_study(directions=STUDY_DIRECTIONS, sampler=sampler)
     pred = LatencyPredictor.for_machine()
     start = time.perf_counter()
     before = len(pred.table)

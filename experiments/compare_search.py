@@ -35,9 +35,9 @@ from pathlib import Path
 import pandas as pd
 
 import autoshrink as ash
-from autoshrink.search import _space_defaults
+from autoshrink.record import OBJECTIVES, State
+from autoshrink.search import space_defaults
 
-OBJECTIVES = {"accuracy": "max", "latency_ms": "min"}
 COLUMNS = ["method", "seed", "best_accuracy", "best_latency_ms", "hypervolume", "wall_s",
            "infeasible_finetune_s", "trials", "feasible_trials", "finetune_s_total"]
 
@@ -120,7 +120,7 @@ def task_and_space(name: str) -> tuple[ash.Task, ash.SearchSpace]:
 
 def summarise(df: pd.DataFrame, budget_ms: float) -> dict:
     """The figures of one run's trials table."""
-    done = df[df["state"] == "COMPLETE"]
+    done = df[df["state"] == State.COMPLETE]
     feasible = done[(done["latency_ms"] <= budget_ms) & done["accuracy"].notna()]
     best = feasible.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).head(1)
     over = df[(df["latency_ms"] > budget_ms) | (df["meets_budget"] == False)]  # noqa: E712
@@ -157,7 +157,7 @@ def run_hand(task, space, budget, seed, out, iterations: int = 5, high: float = 
     """Uniform int8 + the smallest uniform pruning ratio whose measured latency meets the
     budget (bisection), then one KD fine-tune of that candidate."""
     start = time.perf_counter()
-    base = _space_defaults(space)
+    base = space_defaults(space)
 
     def cand(ratio: float) -> ash.Candidate:
         return ash.Candidate.uniform(bits=8, prune=ratio, temperature=base.kd_temperature, alpha=base.kd_alpha,

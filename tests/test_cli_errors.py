@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 import autoshrink as ash
 from autoshrink.cli import main
+from autoshrink.record import STUDY_DIRECTIONS, StudyAttr, TrialAttr
 from autoshrink.search import SearchError
 
 TINY_SPACE = """\
@@ -31,16 +32,16 @@ def _study(folder, *, fingerprint: str | None = None, trials: int = 1, budget: d
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="autoshrink",
-                                directions=["maximize", "minimize"])
+                                directions=STUDY_DIRECTIONS)
     if fingerprint is not None:
-        study.set_user_attr("space_fingerprint", fingerprint)
-        study.set_user_attr("space_source", "old.yaml")
+        study.set_user_attr(StudyAttr.SPACE_FINGERPRINT, fingerprint)
+        study.set_user_attr(StudyAttr.SPACE_SOURCE, "old.yaml")
     if budget is not None:
-        study.set_user_attr("budget", budget)
+        study.set_user_attr(StudyAttr.BUDGET, budget)
     for _ in range(trials):
         t = study.ask()
-        for key, value in {"accuracy": 90.0, "latency_ms": 1.0, "size_mb": 0.1,
-                           "meets_budget": True}.items():
+        for key, value in {TrialAttr.ACCURACY: 90.0, TrialAttr.LATENCY_MS: 1.0, TrialAttr.SIZE_MB: 0.1,
+                           TrialAttr.MEETS_BUDGET: True}.items():
             t.set_user_attr(key, value)
         study.tell(t, [90.0, 1.0])
     return folder

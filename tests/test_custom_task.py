@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autoshrink as ash
 from autoshrink.data import ImageTensors, load_data, read_cifar10, read_imagefolder
+from autoshrink.record import State
 from autoshrink.task import TaskError
 from autoshrink.tasks import custom
 
@@ -296,7 +297,7 @@ def test_dataloaders_work_as_task_data():
     assert teacher > 30  # well above chance (10 %): the loaders feed the right pairs
     result = evaluate(task, ash.Candidate.uniform(bits=8, prune=0.25, steps=10, batch_size=32),
                       ash.Budget(), TrialContext(latency_runs=0))
-    assert result.state.value == "COMPLETE" and result.accuracy is not None
+    assert result.state is State.COMPLETE and result.accuracy is not None
     assert result.accuracy > teacher - 20
 
 
@@ -312,4 +313,4 @@ def test_cli_search_with_a_user_model(tmp_path, user_module):
                  str(tmp_path / "run")])
     assert code == 0
     df = pd.read_csv(tmp_path / "run" / "trials.csv")
-    assert len(df) == 1 and df.loc[0, "state"] == "COMPLETE", df.to_dict("records")
+    assert len(df) == 1 and df.loc[0, "state"] == State.COMPLETE, df.to_dict("records")

@@ -13,6 +13,7 @@ import torch
 
 import autoshrink as ash
 from autoshrink.measure.latency import LatencyMeter, program_bytes
+from autoshrink.record import STUDY_DIRECTIONS, TEACHER_LATENCY_MS_DRIVER, State, StudyAttr
 from autoshrink.search import SearchError
 
 
@@ -67,27 +68,27 @@ def test_search_on_a_cluster_times_latency_on_the_target(tiny_task, tiny_space, 
                         out=tmp_path, seed=0, ray_address=c.address, progress=False, latency_runs=10)
     df = pd.read_csv(tmp_path / "trials.csv")
     assert len(df) == 2 and df["number"].tolist() == [0, 1]
-    assert (df["state"] == "COMPLETE").all(), df["error"].tolist()
+    assert (df["state"] == State.COMPLETE).all(), df["error"].tolist()
     assert (df["latency_ms"] > 0).all() and (df["mmacs"] > 0).all()
     assert df["meets_budget"].all() and (df["finetune_s"] > 0).all()
     assert df["accuracy"].between(0, 100).all()
     assert df["param_prune.stage2"].tolist() == [0.0, 0.25]  # the int8 baselines went first
     study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    where = study.user_attrs["latency_measured_on"]
+    where = study.user_attrs[StudyAttr.LATENCY_MEASURED_ON]
     assert where["resource"] == "latency_target" and where["node_id"] == target.node_id
-    teacher = study.user_attrs["teacher"]
-    assert teacher["latency_ms"] > 0 and teacher["latency_ms_driver"] > 0
+    teacher = study.user_attrs[StudyAttr.TEACHER]
+    assert teacher["latency_ms"] > 0 and teacher[TEACHER_LATENCY_MS_DRIVER] > 0
     assert result.teacher["latency_ms"] == pytest.approx(teacher["latency_ms"])
 
 
 @pytest.mark.slow
 def test_an_absent_latency_target_is_an_error(cluster, tmp_path):
-    from autoshrink.search import _Driver
+    from autoshrink.search import Driver, DriverConfig
 
     c, _ = cluster
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    driver = _Driver(None, None, ash.Budget(), study, tmp_path, 1, None, c.address, False, False,
-                     latency_target="edge_tpu")
-    driver._start_ray()
+    study = optuna.create_study(directions=STUDY_DIRECTIONS)
+    config = DriverConfig(budget=ash.Budget(), out=tmp_path, ray_address=c.address, latency_target="edge_tpu")
+    driver = Driver(task=None, space=None, study=study, config=config)
+    driver.start_ray()
     with pytest.raises(SearchError, match=r"offers no resource 'edge_tpu'.*--resources '\{\"edge_tpu\": 1\}'"):
-        driver._latency_meter()
+        driver.latency_meter()

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import autoshrink as ash
-from autoshrink.search import INTERRUPTED, _make_sampler, _space_defaults, baselines
+from autoshrink.record import STUDY_DIRECTIONS, State, StudyAttr, TrialAttr
+from autoshrink.search import INTERRUPTED, baselines, make_sampler, space_defaults
 
 WIDTH = {0.0: 16, 0.25: 12, 0.5: 8, 0.75: 4}  # layer1 channels left by each pruning ratio
 
@@ -88,22 +89,22 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tiny_task, tmp_path)
     task = _faulty_task(tiny_task, {0.25: "raise", 0.5: "oom", 0.75: "kill"})
     space = _space(lr=[0.01, 1e9])
     plan = [  # (stage1, stage2, lr) -> what must happen
-        ((0.25, 0.0, 0.01), "FAIL", r"^RuntimeError: .*injected fault: this trial's model is broken"),
-        ((0.5, 0.0, 0.01), "FAIL", r"^out of memory: RuntimeError: .*can't allocate memory: you tried "
+        ((0.25, 0.0, 0.01), State.FAIL, r"^RuntimeError: .*injected fault: this trial's model is broken"),
+        ((0.5, 0.0, 0.01), State.FAIL, r"^out of memory: RuntimeError: .*can't allocate memory: you tried "
                                    r"to allocate 4611686018427387904 bytes"),
-        ((0.75, 0.0, 0.01), "FAIL", r"^worker process died \(killed by the OS or crashed\), retried once"),
-        ((0.0, 0.5, 1e9), "FAIL", r"^FloatingPointError: fine-tune loss became (nan|inf) at step \d+ "
+        ((0.75, 0.0, 0.01), State.FAIL, r"^worker process died \(killed by the OS or crashed\), retried once"),
+        ((0.0, 0.5, 1e9), State.FAIL, r"^FloatingPointError: fine-tune loss became (nan|inf) at step \d+ "
                                   r"\(lr=1e\+09\); try a lower learning rate"),
-        ((0.0, 0.0, 0.01), "COMPLETE", r"^$"),  # misses the budget: measured, not fine-tuned
+        ((0.0, 0.0, 0.01), State.COMPLETE, r"^$"),  # misses the budget: measured, not fine-tuned
     ]
     out = tmp_path / "run"
     out.mkdir()
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autoshrink",
-                                directions=["maximize", "minimize"])
+                                directions=STUDY_DIRECTIONS)
     for (s1, s2, lr), _, _ in plan:
         study.enqueue_trial({"prune.stage1": s1, "prune.stage2": s2, "lr": lr})
     # the teacher's figures are not under test here: skip measuring them (a compilation)
-    study.set_user_attr("teacher", {"accuracy": 90.0, "latency_ms": 1.0, "size_mb": 0.1})
+    study.set_user_attr(StudyAttr.TEACHER, {"accuracy": 90.0, "latency_ms": 1.0, "size_mb": 0.1})
     # stage2 at 0.5 fits 2 MMACs (1.6), unpruned does not (2.2): the NaN trial gets fine-tuned
     faulthandler.dump_traceback_later(900, exit=True)  # a hang fails the run instead of stalling it
     try:
@@ -151,46 +152,41 @@ def test_a_trial_killed_before_it_was_sampled_is_rerun_with_its_given_params(tmp
     """kill -9 between Optuna's ask and the sampling: the trial is RUNNING with no params; a
     baseline (enqueued) trial is re-run with the params it was given."""
     from autoshrink.budget import Budget
-    from autoshrink.search import _Driver, _Settings
+    from autoshrink.search import Driver, DriverConfig, TrialSettings
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                directions=["maximize", "minimize"])
+                                directions=STUDY_DIRECTIONS)
     study.enqueue_trial({"prune.stage1": 0.25})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     for _ in range(2):  # the enqueued trial, then a sampled one, both killed before sampling
-        study.ask().set_user_attr("driver", f"{socket.gethostname()}:{dead}")
-    driver = _Driver(None, None, Budget(), study, tmp_path, 1,
-                     _Settings(threads=1, latency_threads=1, latency_runs=10, eval_every=0, seed=0,
-                               lock_dir=None), None, False, False)
+        study.ask().set_user_attr(TrialAttr.DRIVER, f"{socket.gethostname()}:{dead}")
+    config = DriverConfig(budget=Budget(), out=tmp_path, settings=TrialSettings(latency_runs=10))
+    driver = Driver(task=None, space=None, study=study, config=config)
     assert driver.fail_interrupted() == [(0, {"prune.stage1": 0.25})]
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
-    assert {t.user_attrs["error"] for t in study.trials} == {INTERRUPTED}
+    assert [t.state.name for t in study.trials] == [State.FAIL, State.FAIL]
+    assert {t.user_attrs[TrialAttr.ERROR] for t in study.trials} == {INTERRUPTED}
 
 
 def test_drivers_sharing_a_study_stop_at_the_total(tmp_path):
     """Two drivers may both see room for the last trial and both ask: the later trial number is
     the surplus one, recorded as not run and not counted."""
-    from autoshrink.budget import Budget
-    from autoshrink.search import SURPLUS, _Driver, _Settings
+    from autoshrink.search import SURPLUS, accounting
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                directions=["maximize", "minimize"])
-    driver = _Driver(None, None, Budget(), study, tmp_path, 1,
-                     _Settings(threads=1, latency_threads=1, latency_runs=10, eval_every=0, seed=0,
-                               lock_dir=None), None, False, False)
+                                directions=STUDY_DIRECTIONS)
     done = study.ask()
     study.tell(done, [90.0, 1.0])
     interrupted = study.ask()
-    interrupted.set_user_attr("error", INTERRUPTED)
-    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    interrupted.set_user_attr(TrialAttr.ERROR, INTERRUPTED)
+    study.tell(interrupted, state=State.FAIL.optuna)
     running = [study.ask() for _ in range(2)]  # two drivers' last asks, both still RUNNING
-    assert driver._committed() == 3  # the interrupted trial does not count
-    assert not driver._surplus(running[0].number, total=2)
-    assert driver._surplus(running[1].number, total=2)
-    running[1].set_user_attr("error", SURPLUS)
-    study.tell(running[1], state=optuna.trial.TrialState.FAIL)
-    assert driver._committed() == 2
+    assert accounting.committed(study.get_trials()) == 3  # the interrupted trial does not count
+    assert not accounting.is_surplus(study.get_trials(), running[0].number, total=2)
+    assert accounting.is_surplus(study.get_trials(), running[1].number, total=2)
+    running[1].set_user_attr(TrialAttr.ERROR, SURPLUS)
+    study.tell(running[1], state=State.FAIL.optuna)
+    assert accounting.committed(study.get_trials()) == 2
 
 
 # -- a killed, then interrupted, then resumed driver -----------------------------------------
@@ -324,20 +320,20 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
     hang = tmp_path / "hang1"
     first = _launch(tmp_path, "first", setup, hang=hang)
     _wait_for(first, db, tmp_path / "first.log",
-              lambda s: s.get(0) == "COMPLETE" and s.get(1) == "RUNNING" and any(hang.iterdir()))
+              lambda s: s.get(0) == State.COMPLETE and s.get(1) == State.RUNNING and any(hang.iterdir()))
     ray_first = _process_tree(first.pid)
     assert any("raylet" in name for name in _alive(ray_first)), _alive(ray_first)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(30)
     killed_at = time.monotonic()
     before_resume = _rows(db)
-    assert before_resume[1]["state"] == "RUNNING"
+    assert before_resume[1]["state"] == State.RUNNING
 
     # 2. resume, and Ctrl-C (SIGINT to the process group, as a terminal sends it) while the re-run
     #    of trial 1 (trial 3) hangs
     hang = tmp_path / "hang2"
     second = _launch(tmp_path, "second", setup, {"resume": True}, hang=hang)
-    _wait_for(second, db, tmp_path / "second.log", lambda s: s.get(3) == "RUNNING" and any(hang.iterdir()))
+    _wait_for(second, db, tmp_path / "second.log", lambda s: s.get(3) == State.RUNNING and any(hang.iterdir()))
     ray_second = _process_tree(second.pid)
     os.killpg(second.pid, signal.SIGINT)
     assert second.wait(180) == 130, (tmp_path / "second.log").read_text()[-3000:]
@@ -347,20 +343,20 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
     assert csv["number"].tolist() == [0, 1, 2, 3]
     assert (tmp_path / "run" / "pareto.png").is_file()
     after_interrupt = _rows(db)
-    assert after_interrupt[3]["state"] == "FAIL"  # marked by the stopping driver itself
-    assert after_interrupt[3]["attrs"]["error"] == INTERRUPTED
+    assert after_interrupt[3]["state"] == State.FAIL  # marked by the stopping driver itself
+    assert after_interrupt[3]["attrs"][TrialAttr.ERROR] == INTERRUPTED
 
     # 3. resume to the end
     third = _launch(tmp_path, "third", setup, {"resume": True})
     assert third.wait(400) == 0, (tmp_path / "third.log").read_text()[-3000:]
     final = _rows(db)
-    counted = [n for n, r in final.items() if r["attrs"].get("error") != INTERRUPTED]
+    counted = [n for n, r in final.items() if r["attrs"].get(TrialAttr.ERROR) != INTERRUPTED]
     assert sorted(counted) == [0, 2, 4], final
-    assert all(final[n]["state"] == "COMPLETE" for n in counted)
+    assert all(final[n]["state"] == State.COMPLETE for n in counted)
     for number in (1, 3):  # both interrupted trials: FAIL with the reason, re-run with their params
-        assert final[number]["state"] == "FAIL"
-        assert final[number]["attrs"]["error"] == INTERRUPTED
-    assert final[3]["attrs"]["rerun_of"] == 1 and final[4]["attrs"]["rerun_of"] == 3
+        assert final[number]["state"] == State.FAIL
+        assert final[number]["attrs"][TrialAttr.ERROR] == INTERRUPTED
+    assert final[3]["attrs"][TrialAttr.RERUN_OF] == 1 and final[4]["attrs"][TrialAttr.RERUN_OF] == 3
     assert final[1]["params"] == final[3]["params"] == final[4]["params"]
     assert final[4]["params"]["prune.stage1"] == 0.25
     assert final[0] == before_resume[0]  # finished rows are never touched again
@@ -396,11 +392,11 @@ def test_two_drivers_share_one_study_without_losing_or_repeating_trials(tiny_tas
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
-    ran = [t for t in trials if t.state.is_finished() and not t.user_attrs.get("error", "").startswith(
-        ("interrupted", "not run"))]
-    assert len(ran) == 6, [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    owners = {t.user_attrs["driver"].rsplit(":", 1)[1] for t in ran}
+    ran = [t for t in trials if t.state.is_finished()
+           and not t.user_attrs.get(TrialAttr.ERROR, "").startswith(("interrupted", "not run"))]
+    assert len(ran) == 6, [(t.number, t.state.name, t.user_attrs.get(TrialAttr.ERROR)) for t in trials]
+    assert not [t for t in trials if State.of(t) is State.RUNNING]
+    owners = {t.user_attrs[TrialAttr.DRIVER].rsplit(":", 1)[1] for t in ran}
     assert owners == {str(p.pid) for p in drivers}, "both drivers ran trials"
     # each driver's trials.csv is the shared study as it stood when that driver finished
     last = max((pd.read_csv(tmp_path / f"out{i}" / "trials.csv") for i in range(2)), key=len)
@@ -410,9 +406,9 @@ def test_two_drivers_share_one_study_without_losing_or_repeating_trials(tiny_tas
 # -- determinism -----------------------------------------------------------------------------
 def _sequence(space: ash.SearchSpace, seed: int, n: int = 14) -> list[tuple[dict, dict]]:
     """What the driver would run: baselines first, then the seeded sampler, told fixed results."""
-    sampler = _make_sampler("tpe", seed, space)
-    study = optuna.create_study(sampler=sampler, directions=["maximize", "minimize"])
-    for cand in baselines(space, _space_defaults(space)):
+    sampler = make_sampler("tpe", seed, space)
+    study = optuna.create_study(sampler=sampler, directions=STUDY_DIRECTIONS)
+    for cand in baselines(space, space_defaults(space)):
         study.enqueue_trial(space.candidate_params(cand), skip_if_exists=True)
     out = []
     for _ in range(n):
@@ -434,7 +430,7 @@ def test_the_same_seed_samples_the_same_candidates(tiny_space):
     assert first != other
     # the baselines come first, in order: all-int8 unpruned, then pruned 25 % and 50 % (each
     # snapped to the space's choices)
-    expected = [space.candidate_params(c) for c in baselines(space, _space_defaults(space))]
+    expected = [space.candidate_params(c) for c in baselines(space, space_defaults(space))]
     assert [params for params, _ in first[:3]] == expected
     assert first[0][1]["bits"] == {"conv1": 8, "layer1.*": 8, "layer2.*": 8, "fc": 8}
     assert first[0][1]["prune"] == {"layer1.*": 0.0, "layer2.*": 0.0}

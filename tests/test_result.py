@@ -12,6 +12,7 @@ import pytest
 
 import autoshrink as ash
 from autoshrink.cli import main
+from autoshrink.record import STUDY_DIRECTIONS, State, StudyAttr, TrialAttr
 from autoshrink.result import COLUMNS
 
 TEACHER = {"accuracy": 98.0, "accuracy_se": 0.3, "latency_ms": 6.0, "latency_ms_eager": 9.0,
@@ -30,13 +31,14 @@ LAYERS = [
 def _complete(number, bits, prune, accuracy, latency_ms, size_mb, *, meets=True):
     """A COMPLETE trial as the driver records it (a missed budget: measured, never fine-tuned)."""
     attrs = {
-        "latency_ms": latency_ms, "latency_iqr_ms": 0.05, "size_mb": size_mb,
-        "mmacs": 40.0 * (1 - prune) ** 2, "bops": 1e9 * bits, "params": 150000,
-        "meets_budget": meets, "compress_s": 0.1, "measure_s": 2.0,
-        "candidate": ash.Candidate.uniform(bits=bits, prune=prune).to_dict(), "layers": LAYERS,
+        TrialAttr.LATENCY_MS: latency_ms, TrialAttr.LATENCY_IQR_MS: 0.05, TrialAttr.SIZE_MB: size_mb,
+        TrialAttr.MMACS: 40.0 * (1 - prune) ** 2, TrialAttr.BOPS: 1e9 * bits, TrialAttr.PARAMS: 150000,
+        TrialAttr.MEETS_BUDGET: meets, TrialAttr.COMPRESS_S: 0.1, TrialAttr.MEASURE_S: 2.0,
+        TrialAttr.CANDIDATE: ash.Candidate.uniform(bits=bits, prune=prune).to_dict(), TrialAttr.LAYERS: LAYERS,
     }
     if meets:
-        attrs.update(accuracy=accuracy, accuracy_se=0.25, finetune_s=30.0, evaluate_s=1.0)
+        attrs.update({TrialAttr.ACCURACY: accuracy, TrialAttr.ACCURACY_SE: 0.25, TrialAttr.FINETUNE_S: 30.0,
+                      TrialAttr.EVALUATE_S: 1.0})
     return optuna.trial.create_trial(
         params={"bits.stage1": bits, "prune.stage1": prune, "kd_temperature": 4.0},
         distributions=DIST,
@@ -50,27 +52,29 @@ def _make_run(out, budget: dict, trials: list, *, running: bool = True, max_drop
     then two failed ones, and with ``running`` a pruned one and one left RUNNING."""
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autoshrink",
-                                directions=["maximize", "minimize"])
-    for key, value in {"budget": budget, "teacher": TEACHER, "task": "tiny", "sampler": "tpe",
-                       "seed": 0, "trials": 12, "max_drop": max_drop}.items():
+                                directions=STUDY_DIRECTIONS)
+    for key, value in {StudyAttr.BUDGET: budget, StudyAttr.TEACHER: TEACHER, StudyAttr.TASK: "tiny",
+                       StudyAttr.SAMPLER: "tpe", StudyAttr.SEED: 0, StudyAttr.TRIALS: 12,
+                       StudyAttr.MAX_DROP: max_drop}.items():
         study.set_user_attr(key, value)
     for trial in trials:
         study.add_trial(trial)
     study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.FAIL, params={"bits.stage1": 4, "prune.stage1": 0.5,
+        state=State.FAIL.optuna, params={"bits.stage1": 4, "prune.stage1": 0.5,
                                                     "kd_temperature": 2.0},
-        distributions=DIST, user_attrs={"error": "RuntimeError: out of memory while compiling"}))
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+        distributions=DIST, user_attrs={TrialAttr.ERROR: "RuntimeError: out of memory while compiling"}))
+    study.add_trial(optuna.trial.create_trial(state=State.FAIL.optuna))
     if not running:
         return out
     study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.PRUNED, params={"bits.stage1": 8, "prune.stage1": 0.5,
+        state=State.PRUNED.optuna, params={"bits.stage1": 8, "prune.stage1": 0.5,
                                                       "kd_temperature": 2.0},
-        distributions=DIST, user_attrs={"latency_ms": 2.5, "size_mb": 0.2, "finetune_s": 8.0}))
+        distributions=DIST, user_attrs={TrialAttr.LATENCY_MS: 2.5, TrialAttr.SIZE_MB: 0.2,
+                                        TrialAttr.FINETUNE_S: 8.0}))
     # the driver died while this trial was fine-tuning
     trial = study.ask()
-    trial.set_user_attr("driver", "elsewhere:1")
-    trial.set_user_attr("latency_ms", 3.3)
+    trial.set_user_attr(TrialAttr.DRIVER, "elsewhere:1")
+    trial.set_user_attr(TrialAttr.LATENCY_MS, 3.3)
     return out
 
 
@@ -101,7 +105,7 @@ def test_load_interrupted_run_trials(interrupted):
     assert list(df.columns[: len(COLUMNS)]) == COLUMNS
     assert {"param_bits.stage1", "param_prune.stage1", "param_kd_temperature"} <= set(df.columns)
     assert df["number"].tolist() == list(range(8))
-    assert df["state"].tolist() == ["COMPLETE"] * 4 + ["FAIL", "FAIL", "PRUNED", "RUNNING"]
+    assert df["state"].tolist() == [State.COMPLETE] * 4 + [State.FAIL, State.FAIL, State.PRUNED, State.RUNNING]
     assert df.loc[4, "error"] == "RuntimeError: out of memory while compiling"
     assert df.loc[5, "error"] == "failed without a reason"
     assert (df.loc[[0, 1, 2, 3, 6, 7], "error"] == "").all()
@@ -164,7 +168,7 @@ def test_write_interrupted_run(interrupted):
         assert (interrupted / name).is_file(), name
     assert "best" not in files  # the hand-made run has no saved models to export
     csv = pd.read_csv(interrupted / "trials.csv")
-    assert len(csv) == 8 and csv["state"].tolist()[-1] == "RUNNING"
+    assert len(csv) == 8 and csv["state"].tolist()[-1] == State.RUNNING
     assert (interrupted / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (interrupted / "pareto.html").read_text()
     assert "trial #3" in html and "bits.stage1 = 8" in html

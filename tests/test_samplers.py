@@ -11,9 +11,10 @@ import torch
 
 import autoshrink as ash
 from autoshrink import Budget, Candidate, SearchSpace, SpaceError
-from autoshrink._worker import Rungs
-from autoshrink.search import SAMPLERS, SearchError, _Driver, _make_sampler, _space_defaults, baselines
-from autoshrink.trial import State, TrialContext, evaluate
+from autoshrink.record import STUDY_DIRECTIONS, State, TrialAttr
+from autoshrink.search import SAMPLERS, Driver, DriverConfig, SearchError, baselines, make_sampler, space_defaults
+from autoshrink.search.rungs import Rungs
+from autoshrink.trial import TrialContext, evaluate
 
 BUDGET = Budget(latency_ms=4.0)
 
@@ -27,21 +28,21 @@ def _fake_metrics(cand: Candidate) -> dict:
     latency = 1.0 + bits / 8 * (1 - prune) + cand.kd_temperature / 10
     meets = latency <= BUDGET.latency_ms
     accuracy = 95 - 10 * prune - (32 - bits) / 8 + cand.kd_alpha if meets else None
-    return {"state": "COMPLETE", "accuracy": accuracy, "latency_ms": latency, "size_mb": 0.1,
+    return {"state": State.COMPLETE, "accuracy": accuracy, "latency_ms": latency, "size_mb": 0.1,
             "mmacs": 1.0, "meets_budget": meets, "finetune_s": 1.0 if meets else 0.0}
 
 
 def _drive(sampler: str, seed: int, space: SearchSpace, n: int, out) -> list[dict]:
     """What ``search`` does, minus Ray and training: enqueue the baselines, then ask, sample,
-    tell ``n`` times through the driver's own ``_tell``."""
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=_make_sampler(sampler, seed, space))
-    for cand in baselines(space, _space_defaults(space)):
+    tell ``n`` times through the driver's own ``tell``."""
+    study = optuna.create_study(directions=STUDY_DIRECTIONS, sampler=make_sampler(sampler, seed, space))
+    for cand in baselines(space, space_defaults(space)):
         study.enqueue_trial(space.candidate_params(cand), skip_if_exists=True)
-    driver = _Driver(None, space, BUDGET, study, out, 1, None, None, False, False)
+    driver = Driver(task=None, space=space, study=study, config=DriverConfig(budget=BUDGET, out=out))
     for _ in range(n):
         trial = study.ask()
         cand = space.sample(trial)
-        driver._tell(trial, cand, _fake_metrics(cand))
+        driver.tell(trial, cand, _fake_metrics(cand))
     return [t.params for t in study.trials]
 
 
@@ -93,7 +94,7 @@ def test_sampler_is_seeded_and_starts_with_the_baselines(sampler, finite_space, 
     first = _drive(sampler, 7, finite_space, 12, tmp_path / "a")
     again = _drive(sampler, 7, finite_space, 12, tmp_path / "b")
     assert first == again
-    expected = [finite_space.candidate_params(c) for c in baselines(finite_space, _space_defaults(finite_space))]
+    expected = [finite_space.candidate_params(c) for c in baselines(finite_space, space_defaults(finite_space))]
     assert first[:3] == expected
     assert first[0]["bits.body"] == 8 and first[0]["prune.body"] == 0.0
     assert [p["prune.body"] for p in first[:3]] == [0.0, 0.25, 0.5]
@@ -126,13 +127,13 @@ def test_grid_refuses_a_continuous_knob(finite_space):
             source="finite.yaml",
         ).grid()
     with pytest.raises(SpaceError, match=r"default\.yaml: distill\.temperature: .* continuous range"):
-        _make_sampler("grid", 0, SearchSpace.default())
+        make_sampler("grid", 0, SearchSpace.default())
 
 
 def test_unknown_sampler_names_the_choices(finite_space):
     message = r"unknown sampler 'cmaes'; choose one of \['tpe', 'nsga2', 'random', 'grid'\]"
     with pytest.raises(SearchError, match=message):
-        _make_sampler("cmaes", 0, finite_space)
+        make_sampler("cmaes", 0, finite_space)
 
 
 def test_cli_accepts_every_sampler():
@@ -186,18 +187,19 @@ def test_rungs_min_peers_and_resume_seed():
 
 
 def test_a_stopped_trial_is_pruned_with_its_history(tmp_path, finite_space):
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    driver = _Driver(None, finite_space, BUDGET, study, tmp_path, 1, None, None, True, False)
+    study = optuna.create_study(directions=STUDY_DIRECTIONS)
+    driver = Driver(task=None, space=finite_space, study=study,
+                    config=DriverConfig(budget=BUDGET, out=tmp_path, early_stopping=True))
     trial = study.ask()
     cand = finite_space.sample(trial)
-    driver._tell(trial, cand, {"state": "PRUNED", "latency_ms": 2.0, "meets_budget": True,
+    driver.tell(trial, cand, {"state": State.PRUNED, "latency_ms": 2.0, "meets_budget": True,
                                "finetune_s": 3.0, "history": [(40, 81.0), (80, 84.5)]})
     frozen = study.trials[0]
-    assert frozen.state == optuna.trial.TrialState.PRUNED
-    assert [tuple(row) for row in frozen.user_attrs["history"]] == [(40, 81.0), (80, 84.5)]
+    assert State.of(frozen) is State.PRUNED
+    assert [tuple(row) for row in frozen.user_attrs[TrialAttr.HISTORY]] == [(40, 81.0), (80, 84.5)]
     from autoshrink.result import trials_frame
 
-    assert trials_frame(study)["state"].tolist() == ["PRUNED"]
+    assert trials_frame(study)["state"].tolist() == [State.PRUNED]
 
 
 def test_evaluate_keeps_the_history_of_a_stopped_fine_tune_and_uses_the_given_meter(mini_task):
@@ -233,8 +235,8 @@ def test_search_caps_a_grid_at_its_size(mini_task, tmp_path, monkeypatch):
         seen["total"] = total
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_Driver, "run", fake_run)
-    monkeypatch.setattr(_Driver, "record_meta", lambda self, **kw: None)
+    monkeypatch.setattr(Driver, "run", fake_run)
+    monkeypatch.setattr(Driver, "record_meta", lambda self, **kw: None)
     space = SearchSpace.from_dict({"layers": [{"pattern": "conv1", "bits": [8, 32]}]})
     with pytest.raises(KeyboardInterrupt):
         ash.search(mini_task, space, BUDGET, trials=50, workers=1, out=tmp_path, sampler="grid", progress=False)
@@ -253,15 +255,15 @@ def _edge_space() -> SearchSpace:
 
 
 def test_uniform_ratios_are_every_rules_pruning_steps():
-    from autoshrink.search import _uniform_ratios
+    from autoshrink.search import uniform_ratios
 
-    assert _uniform_ratios(_edge_space()) == [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+    assert uniform_ratios(_edge_space()) == [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
 
 
 @pytest.mark.parametrize("budget_ms, edge", [(9.0, 0.0), (7.5, 0.25), (6.1, 0.75), (5.0, None)])
 def test_budget_edge_bisects_to_the_smallest_uniform_ratio_that_meets_the_budget(monkeypatch, budget_ms, edge):
     import autoshrink.trial as trial_mod
-    from autoshrink.search import _Settings, budget_edge
+    from autoshrink.search import TrialSettings, budget_edge
 
     timed = []
 
@@ -271,7 +273,7 @@ def test_budget_edge_bisects_to_the_smallest_uniform_ratio_that_meets_the_budget
         return trial_mod.TrialResult(latency_ms=8.0 - 8 / 3 * ratio, size_mb=1.0, mmacs=10.0)
 
     monkeypatch.setattr(trial_mod, "evaluate", fake_evaluate)
-    settings = _Settings(threads=1, latency_threads=1, latency_runs=5, eval_every=0, seed=0, lock_dir=None)
+    settings = TrialSettings(threads=1, latency_threads=1, latency_runs=5, seed=0, lock_dir=None)
     found = budget_edge(None, _edge_space(), Budget(latency_ms=budget_ms), settings)
     assert found["prune"] == edge and not found["error"]
     if edge is None:
@@ -286,38 +288,41 @@ def test_baselines_start_at_the_budget_edge():
     space = _edge_space()
 
     def ratios(edge):
-        return [c.default_prune for c in baselines(space, _space_defaults(space), edge)]
+        return [c.default_prune for c in baselines(space, space_defaults(space), edge)]
 
     assert ratios(None) == [0.0, 0.25, 0.5]
     assert ratios(0.0) == [0.0, 0.25, 0.5]
     assert ratios(0.375) == [0.375, 0.5]
     assert ratios(0.625) == [0.625, 0.75]  # the next step up: a margin for timing noise
     # the enqueued parameters are the space's own values (the head's pruning snaps to its choices)
-    params = space.candidate_params(baselines(space, _space_defaults(space), 0.375)[0])
+    params = space.candidate_params(baselines(space, space_defaults(space), 0.375)[0])
     assert params["prune.body"] == 0.375 and params["prune.head"] == 0.5
 
 
 def test_candidates_over_the_budget_do_not_count_up_to_the_screen_limit(tmp_path):
     # trials=N asks for N fine-tunes: a candidate the budget gate rejects costs seconds, not a
     # fine-tune, and does not count, until 'screen_limit' of them have been rejected
-    study = optuna.create_study(directions=["maximize", "minimize"])
+    from autoshrink.search import accounting
+
+    study = optuna.create_study(directions=STUDY_DIRECTIONS)
     outcomes = ["screened", "fine-tuned", "screened", "failed", "screened", "screened", "pruned"]
     for outcome in outcomes:
         t = study.ask()
-        t.set_user_attr("meets_budget", outcome != "screened")
-        t.set_user_attr("finetune_s", 0.0 if outcome == "screened" else 5.0)
+        t.set_user_attr(TrialAttr.MEETS_BUDGET, outcome != "screened")
+        t.set_user_attr(TrialAttr.FINETUNE_S, 0.0 if outcome == "screened" else 5.0)
         if outcome == "failed":
-            study.tell(t, state=optuna.trial.TrialState.FAIL)
+            study.tell(t, state=State.FAIL.optuna)
         elif outcome == "pruned":
-            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+            study.tell(t, state=State.PRUNED.optuna)
         else:
             study.tell(t, [0.0 if outcome == "screened" else 90.0, 2.0])
     running = study.ask()
     for limit, committed in ((0, 8), (2, 6), (4, 4), (10, 4)):
-        driver = _Driver(None, None, BUDGET, study, tmp_path, 1, None, None, False, False, screen_limit=limit)
-        assert driver._committed() == committed  # the running trial counts until it is told
-        assert driver._finished() == committed - 1
-        assert driver._surplus(running.number, committed - 1) and not driver._surplus(running.number, committed)
+        trials = study.get_trials(deepcopy=False)
+        assert accounting.committed(trials, limit) == committed  # the running trial counts until it is told
+        assert accounting.finished(trials, limit) == committed - 1
+        assert accounting.is_surplus(trials, running.number, committed - 1, limit)
+        assert not accounting.is_surplus(trials, running.number, committed, limit)
 
 
 @pytest.mark.parametrize("budget, told", [(Budget(latency_ms=4.0), 4.0), (Budget(size_mb=1.0), 2.0)])
@@ -325,16 +330,16 @@ def test_under_a_latency_budget_the_sampler_is_not_rewarded_for_being_faster(tmp
     # the goal is the most accurate model within the budget: a feasible trial's latency is told
     # to the sampler as the budget itself, while trials.csv keeps what was measured
     space = SearchSpace.default()
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    driver = _Driver(None, space, budget, study, tmp_path, 1, None, None, False, False)
+    study = optuna.create_study(directions=STUDY_DIRECTIONS)
+    driver = Driver(task=None, space=space, study=study, config=DriverConfig(budget=budget, out=tmp_path))
     trial = study.ask()
     cand = space.sample(trial)
-    driver._tell(trial, cand, {"state": "COMPLETE", "accuracy": 91.0, "latency_ms": 2.0, "size_mb": 0.5,
+    driver.tell(trial, cand, {"state": State.COMPLETE, "accuracy": 91.0, "latency_ms": 2.0, "size_mb": 0.5,
                                "mmacs": 1.0, "meets_budget": True, "finetune_s": 3.0})
     done = study.trials[0]
-    assert done.values == [91.0, told] and done.user_attrs["latency_ms"] == 2.0
+    assert done.values == [91.0, told] and done.user_attrs[TrialAttr.LATENCY_MS] == 2.0
     over = study.ask()
-    driver._tell(over, space.sample(over), {"state": "COMPLETE", "latency_ms": 9.0, "size_mb": 5.0,
+    driver.tell(over, space.sample(over), {"state": State.COMPLETE, "latency_ms": 9.0, "size_mb": 5.0,
                                             "mmacs": 1.0, "meets_budget": False, "finetune_s": 0.0})
     assert study.trials[1].values == [0.0, 9.0]  # infeasible: measured latency, no accuracy
 
@@ -349,7 +354,7 @@ def test_under_a_latency_budget_the_sampler_is_not_rewarded_for_being_faster(tmp
 def test_an_unreachable_latency_budget_is_measured_again_before_refusing(
         tiny_task, tiny_space, monkeypatch, timings, refused, calls):
     import autoshrink.trial
-    from autoshrink.search import _check_reachable, _Settings
+    from autoshrink.search import TrialSettings, check_reachable
     from autoshrink.trial import TrialResult
 
     seen = []
@@ -359,11 +364,11 @@ def test_an_unreachable_latency_budget_is_measured_again_before_refusing(
         return TrialResult(latency_ms=timings[len(seen) - 1])
 
     monkeypatch.setattr(autoshrink.trial, "evaluate", fake_evaluate)
-    settings = _Settings(threads=1, latency_threads=1, latency_runs=5, eval_every=0, seed=0, lock_dir=None)
+    settings = TrialSettings(threads=1, latency_threads=1, latency_runs=5, seed=0, lock_dir=None)
     budget = ash.Budget(latency_ms=1.0)
     if refused:
         with pytest.raises(SearchError, match=r"has latency_ms 1\.6 ms > 1\b"):
-            _check_reachable(tiny_task, tiny_space, budget, settings, latency=True)
+            check_reachable(tiny_task, tiny_space, budget, settings, latency=True)
     else:
-        _check_reachable(tiny_task, tiny_space, budget, settings, latency=True)
+        check_reachable(tiny_task, tiny_space, budget, settings, latency=True)
     assert len(seen) == calls

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import autoshrink as ash
+from autoshrink.record import State, StudyAttr
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_search_writes_the_run_folder(run):
         assert (out / name).is_file(), name
     df = pd.read_csv(out / "trials.csv")
     # trials=3 counts fine-tuned candidates; those over the budget are recorded on top, unfine-tuned
-    screened = (df["state"] == "COMPLETE") & (df["meets_budget"] == False) & (df["finetune_s"] == 0)  # noqa: E712
+    screened = (df["state"] == State.COMPLETE) & (df["meets_budget"] == False) & (df["finetune_s"] == 0)  # noqa: E712
     assert (~screened).sum() == 3 and len(df) <= 3 + 4 * 3
     for col in ("number", "state", "accuracy", "latency_ms", "size_mb", "mmacs", "bops", "params",
                 "meets_budget", "finetune_s", "error"):
@@ -40,9 +41,9 @@ def test_search_writes_the_run_folder(run):
 def test_trials_are_real_measurements(run):
     result, _ = run
     df = result.trials
-    assert set(df["state"]) <= {"COMPLETE", "PRUNED", "FAIL"}
-    assert (df["state"] == "FAIL").sum() == 0, df["error"].tolist()
-    done = df[df["state"] == "COMPLETE"]
+    assert set(df["state"]) <= {"COMPLETE", State.PRUNED, State.FAIL}
+    assert (df["state"] == State.FAIL).sum() == 0, df["error"].tolist()
+    done = df[df["state"] == State.COMPLETE]
     assert (done["mmacs"] > 0).all() and (done["size_mb"] > 0).all()
     # latency is timed unless a static limit (size, MACs) already failed: no work is wasted
     timed = done[done["size_mb"] <= 0.0125]
@@ -89,11 +90,11 @@ def test_the_budget_edge_is_tried_first(run, tiny_space):
     # smallest one that meets the budget: the hand-tuned baseline, enqueued first
     import optuna
 
-    from autoshrink.search import _space_defaults, baselines
+    from autoshrink.search import baselines, space_defaults
 
     result, out = run
     study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{out / 'study.db'}")
-    found = study.user_attrs["budget_edge"]
+    found = study.user_attrs[StudyAttr.BUDGET_EDGE]
     assert not found["error"] and found["probes"]
     for ratio, latency, size, _, ok in found["probes"]:
         # a probe over the size limit is not timed: it cannot meet the budget at any speed
@@ -101,7 +102,7 @@ def test_the_budget_edge_is_tried_first(run, tiny_space):
         assert ok == (size <= 0.0125 and latency <= 50.0)
         assert ok == (found["prune"] is not None and ratio >= found["prune"])
     first = result.trials.sort_values("number").iloc[0]
-    params = tiny_space.candidate_params(baselines(tiny_space, _space_defaults(tiny_space), found["prune"])[0])
+    params = tiny_space.candidate_params(baselines(tiny_space, space_defaults(tiny_space), found["prune"])[0])
     assert {k: first[f"param_{k}"] for k in params} == params
 
 
@@ -117,7 +118,7 @@ def test_the_report_compares_the_choice_with_the_hand_baseline(run):
 
 def test_the_plan_lists_every_layer_the_head_included(run):
     result, _ = run
-    n = int(result.trials[result.trials["state"] == "COMPLETE"].iloc[0]["number"])
+    n = int(result.trials[result.trials["state"] == State.COMPLETE].iloc[0]["number"])
     plan = {layer["layer"]: layer for layer in result.layer_plan(n)}
     assert "conv1" in plan and "fc" in plan  # the head is never pruned, but it is quantized
     assert plan["fc"]["channels_before"] == plan["fc"]["channels_after"] == 10
@@ -128,8 +129,8 @@ def test_a_time_limit_finishes_the_trial_in_flight_and_starts_no_more(tiny_task,
     start = time.monotonic()
     result = ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=3, workers=1,
                         out=tmp_path, progress=False, latency_runs=10, minutes=1e-4)
-    ran = result.trials[result.trials["state"] != "WAITING"]  # queued baselines wait for --resume
-    assert len(ran) == 1 and ran["state"].iloc[0] == "COMPLETE"
+    ran = result.trials[result.trials["state"] != State.WAITING]  # queued baselines wait for --resume
+    assert len(ran) == 1 and ran["state"].iloc[0] == State.COMPLETE
     assert result.meta["timed_out"] is True
     assert time.monotonic() - start < 300
     with pytest.raises(ValueError, match="minutes must be a positive number"):

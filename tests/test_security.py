@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import autoshrink
+from autoshrink.record import State
 from autoshrink.space import SearchSpace, SpaceError
 
 PACKAGE = Path(autoshrink.__file__).parent
@@ -225,22 +226,21 @@ def test_the_ray_we_start_listens_on_loopback_only(tmp_path):
     import ray
 
     from autoshrink.budget import Budget
-    from autoshrink.search import _CLUSTER_MODE_VAR, _Driver, _Settings
+    from autoshrink.search import CLUSTER_MODE_VAR, Driver, DriverConfig, TrialSettings
 
     if ray.is_initialized():
         pytest.skip("a Ray runtime is already up in this process")
-    before = os.environ.get(_CLUSTER_MODE_VAR)
-    driver = _Driver(None, None, Budget(), None, tmp_path, 1,
-                     _Settings(threads=1, latency_threads=1, latency_runs=10, eval_every=0, seed=0,
-                               lock_dir=None), None, False, False)
-    driver._start_ray()
+    before = os.environ.get(CLUSTER_MODE_VAR)
+    config = DriverConfig(budget=Budget(), out=tmp_path, settings=TrialSettings(latency_runs=10))
+    driver = Driver(task=None, space=None, study=None, config=config)
+    driver.start_ray()
     try:
         assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker is up and listening too
         addresses = _listening(_descendants(os.getpid()) | {os.getpid()})
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     finally:
         driver.close()
-    assert os.environ.get(_CLUSTER_MODE_VAR) == before  # our setting does not leak
+    assert os.environ.get(CLUSTER_MODE_VAR) == before  # our setting does not leak
     assert addresses, "found none of Ray's listening sockets"
     exposed = [(pid, a, port) for pid, a, port in addresses
                if a not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
@@ -258,7 +258,7 @@ def test_a_failed_csv_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     from autoshrink.report import write_csv_atomic
 
     target = tmp_path / "trials.csv"
-    pd.DataFrame({"number": [0, 1], "state": ["COMPLETE", "FAIL"]}).to_csv(target, index=False)
+    pd.DataFrame({"number": [0, 1], "state": [State.COMPLETE, State.FAIL]}).to_csv(target, index=False)
     before = target.read_text()
     monkeypatch.setattr(pd.DataFrame, "to_csv", _failing_to_csv)
     with pytest.raises(OSError, match="No space left"):
@@ -271,7 +271,7 @@ def test_a_failed_result_write_leaves_no_partial_trials_csv(tmp_path, monkeypatc
     from autoshrink.result import SearchResult
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", _failing_to_csv)
-    result = SearchResult(out=tmp_path, trials=pd.DataFrame({"number": [0], "state": ["COMPLETE"]}))
+    result = SearchResult(out=tmp_path, trials=pd.DataFrame({"number": [0], "state": [State.COMPLETE]}))
     with pytest.raises(OSError):
         result.write()
     assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import pytest
 
 import autoshrink as ash
 from autoshrink.cli import main
+from autoshrink.record import State
 from autoshrink.result import COLUMNS, EXTRA
 from autoshrink.sweep import candidate_params, start_order
 
@@ -61,7 +62,7 @@ def test_sweep_returns_the_trials_of_a_search(swept):
     assert list(df.columns[: len(COLUMNS + EXTRA)]) == COLUMNS + EXTRA
     assert set(SEARCH_COLUMNS) <= set(df.columns)
     assert df["number"].tolist() == [0, 1] and df["candidate_index"].tolist() == [0, 1]
-    assert df["state"].tolist() == ["COMPLETE", "COMPLETE"], df["error"].tolist()
+    assert df["state"].tolist() == [State.COMPLETE, State.COMPLETE], df["error"].tolist()
     int8, fp32 = df.iloc[0], df.iloc[1]
     assert int8["meets_budget"] and int8["size_mb"] <= 0.05
     assert 0 <= int8["accuracy"] <= 100 and int8["finetune_s"] > 0 and int8["latency_ms"] > 0

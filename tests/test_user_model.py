@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import autoshrink as ash
+from autoshrink.record import State
 
 
 class Attention(nn.Module):
@@ -88,7 +89,7 @@ def test_a_user_model_sweeps_without_changes(tmp_path):
     df = ash.sweep(task, candidates, ash.Budget(latency_ms=1000.0), workers=1, out=tmp_path,
                    progress=False, latency_runs=10)
     assert len(df) == 3
-    assert (df["state"] == "COMPLETE").all(), df[["state", "error"]].to_dict("records")
+    assert (df["state"] == State.COMPLETE).all(), df[["state", "error"]].to_dict("records")
     assert (df["error"] == "").all()
     done = df[df["meets_budget"] == True]  # noqa: E712 - pandas
     assert len(done) == 3 and done["accuracy"].notna().all()
