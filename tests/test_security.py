@@ -162,12 +162,12 @@ def test_the_model_factory_is_only_imported_never_evaluated(factory, tmp_path, m
 
 # -- Ray -------------------------------------------------------------------------------------
 def test_ray_init_asks_for_loopback_and_no_dashboard():
-    tree = ast.parse((PACKAGE / "search.py").read_text())
+    tree = ast.parse((PACKAGE / "search" / "ray_backend.py").read_text())
     calls = [c for c, name in _calls(tree) if name == "ray.init"]
     local = [{k.arg: ast.literal_eval(k.value) for k in c.keywords if isinstance(k.value, ast.Constant)}
              for c in calls]
     local = [kw for kw in local if kw.get("address") == "local"]  # never someone else's cluster
-    assert local, "search.py starts a local Ray"
+    assert local, "search/ray_backend.py starts a local Ray"
     for kw in local:
         assert kw.get("include_dashboard") is False
         assert kw.get("_node_ip_address") == "127.0.0.1"
