@@ -8,8 +8,10 @@ seconds, never fine-tuned).
 
 Example:
     >>> import optuna
-    >>> study = optuna.create_study(directions=["maximize", "minimize"])
-    >>> study.tell(study.ask(), [90.0, 1.0])
+    >>> from autoshrink.record import STUDY_DIRECTIONS
+    >>> optuna.logging.set_verbosity(optuna.logging.WARNING)
+    >>> study = optuna.create_study(directions=STUDY_DIRECTIONS)
+    >>> _ = study.tell(study.ask(), [90.0, 1.0])
     >>> running = study.ask()
     >>> committed(study.get_trials()), finished(study.get_trials())
     (2, 1)
