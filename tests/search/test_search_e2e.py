@@ -41,7 +41,7 @@ def test_search_writes_the_run_folder(run):
 def test_trials_are_real_measurements(run):
     result, _ = run
     df = result.trials
-    assert set(df["state"]) <= {"COMPLETE", State.PRUNED, State.FAIL}
+    assert set(df["state"]) <= {State.COMPLETE, State.PRUNED, State.FAIL}
     assert (df["state"] == State.FAIL).sum() == 0, df["error"].tolist()
     done = df[df["state"] == State.COMPLETE]
     assert (done["mmacs"] > 0).all() and (done["size_mb"] > 0).all()
