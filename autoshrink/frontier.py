@@ -10,12 +10,13 @@ non-dominated, and the DataFrame functions only validate, convert and select.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+
+from autoshrink.record import Direction, State
 
 __all__ = [
     "Direction",
@@ -28,37 +29,9 @@ __all__ = [
 ]
 
 #: Value of the ``state`` column for a finished trial; only these count as results.
-_COMPLETE = "COMPLETE"
+_COMPLETE = State.COMPLETE.value
 #: States whose metrics, if any, are not trusted for "how close did it come" questions.
-_FAILED = "FAIL"
-_ALIASES = {"maximize": "max", "minimize": "min"}
-
-
-class Direction(str, enum.Enum):
-    """Whether an objective is maximised or minimised."""
-
-    MAX = "max"
-    MIN = "min"
-
-    @classmethod
-    def parse(cls, value: str | Direction, *, column: str = "") -> Direction:
-        """Turn ``"max"``/``"min"`` (any case; ``"maximize"``/``"minimize"`` too) into a Direction.
-
-        Raises:
-            ValueError: if ``value`` is not a known direction.
-        """
-        if isinstance(value, Direction):
-            return value
-        if isinstance(value, str):
-            key = value.strip().lower()
-            key = _ALIASES.get(key, key)
-            for member in cls:
-                if member.value == key:
-                    return member
-        where = f" for objective {column!r}" if column else ""
-        raise ValueError(
-            f"direction{where} must be one of {[m.value for m in cls]}, but got {value!r}"
-        )
+_FAILED = State.FAIL.value
 
 
 # --------------------------------------------------------------------------------------------

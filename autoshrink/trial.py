@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,17 +27,10 @@ from autoshrink.compress.prune import _PRUNABLE
 from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
+from autoshrink.record import State  # re-exported: how a trial ended
 from autoshrink.task import Task
 
 __all__ = ["State", "TrialContext", "TrialResult", "evaluate", "save_deployable"]
-
-
-class State(str, enum.Enum):
-    """How a trial ended (the names Optuna uses for its trial states)."""
-
-    COMPLETE = "COMPLETE"
-    PRUNED = "PRUNED"  # stopped early: could not reach the front
-    FAIL = "FAIL"
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""The one schema of what a run stores: attribute keys, trial states, objectives.
+
+Optuna's storage is the record of a run. What autoshrink puts there beyond Optuna's own fields
+lives in free-form ``user_attrs``, on the study (:class:`StudyAttr`) and on each trial
+(:class:`TrialAttr`); a key spelled differently by the writer and the reader would be lost
+silently, so every module names them from here (Optuna does the same with its own keys). Trial
+states are Optuna's names (:class:`State`), and the objectives, in the order their values are told
+to the study, with their directions (:data:`OBJECTIVES`).
+
+Importing this module is light: it imports neither Optuna nor torch.
+
+Example:
+    >>> from autoshrink.record import OBJECTIVES, State, TrialAttr
+    >>> State.COMPLETE == "COMPLETE", TrialAttr.LATENCY_MS, list(OBJECTIVES)
+    (True, 'latency_ms', ['accuracy', 'latency_ms'])
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+__all__ = [
+    "COUNTED_STATES",
+    "FINISHED_STATES",
+    "FIXED_PARAMS",
+    "KIND_SWEEP",
+    "METRIC_ATTRS",
+    "NOT_COUNTED",
+    "OBJECTIVES",
+    "RECORD_ATTRS",
+    "STUDY_DIRECTIONS",
+    "TEACHER_LATENCY_MS_DRIVER",
+    "Direction",
+    "Reason",
+    "State",
+    "StudyAttr",
+    "TrialAttr",
+]
+
+
+class State(str, enum.Enum):
+    """How a trial stands: Optuna's ``TrialState`` names, which are also the ``state`` column."""
+
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"  # enqueued (a baseline, a re-run), not asked for yet
+    COMPLETE = "COMPLETE"
+    PRUNED = "PRUNED"  # stopped early: could not reach the front
+    FAIL = "FAIL"
+
+    # the value, not "State.COMPLETE", in f-strings and str() (as a StrEnum would; Python 3.10 has none)
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def of(cls, trial: Any) -> State:
+        """The state of an Optuna trial (``FrozenTrial`` or anything with ``state.name``)."""
+        return cls(trial.state.name)
+
+    @property
+    def optuna(self):
+        """The matching ``optuna.trial.TrialState`` (imports Optuna)."""
+        import optuna
+
+        return optuna.trial.TrialState[self.value]
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset({State.COMPLETE, State.PRUNED, State.FAIL})
+#: states of trials that may count towards a search's total (see ``autoshrink.search.accounting``)
+COUNTED_STATES = (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)
+
+
+class Direction(str, enum.Enum):
+    """Whether an objective is maximised or minimised."""
+
+    MAX = "max"
+    MIN = "min"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def parse(cls, value: str | Direction, *, column: str = "") -> Direction:
+        """Turn ``"max"``/``"min"`` (any case; ``"maximize"``/``"minimize"`` too) into a Direction.
+
+        Raises:
+            ValueError: if ``value`` is not a known direction.
+
+        Example:
+            >>> Direction.parse("Maximize")
+            <Direction.MAX: 'max'>
+        """
+        if isinstance(value, Direction):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            key = _ALIASES.get(key, key)
+            for member in cls:
+                if member.value == key:
+                    return member
+        where = f" for objective {column!r}" if column else ""
+        raise ValueError(
+            f"direction{where} must be one of {[m.value for m in cls]}, but got {value!r}"
+        )
+
+    @property
+    def study(self) -> str:
+        """Optuna's name for it (``optuna.create_study(directions=[...])``)."""
+        return _STUDY_NAMES[self]
+
+
+_ALIASES = {"maximize": "max", "minimize": "min"}
+_STUDY_NAMES = {Direction.MAX: "maximize", Direction.MIN: "minimize"}
+
+
+class StudyAttr:
+    """Keys of the study's ``user_attrs``: what the run was made with, and run-level findings."""
+
+    SPACE_FINGERPRINT = "space_fingerprint"  # SearchSpace.fingerprint(): resume needs the same space
+    SPACE_SOURCE = "space_source"  # where the space came from (a YAML path, "auto", ...)
+    SPACE = "space"  # SearchSpace.to_dict()
+    BUDGET = "budget"  # Budget.constraints(): resume needs the same budget
+    TASK = "task"
+    TASK_DESCRIPTION = "task_description"
+    TEACHER = "teacher"  # the teacher's measured figures (accuracy, latency_ms, ...)
+    KIND = "kind"  # "sweep" for a sweep; absent for a search
+    SAMPLER = "sampler"
+    SEED = "seed"
+    TRIALS = "trials"  # the total asked for
+    MAX_DROP = "max_drop"
+    BUDGET_EDGE = "budget_edge"  # see autoshrink.search.budget_edge
+    TIMED_OUT = "timed_out"  # the `minutes` limit stopped new trials
+    LATENCY_MEASURED_ON = "latency_measured_on"  # the Ray node that timed latency, if not each worker
+
+    ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
+           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON)
+
+
+#: ``StudyAttr.KIND`` of a sweep
+KIND_SWEEP = "sweep"
+#: key inside ``StudyAttr.TEACHER``: the teacher's latency as timed by the driver, when a
+#: latency-target node re-timed it (then ``latency_ms`` is the target's figure)
+TEACHER_LATENCY_MS_DRIVER = "latency_ms_driver"
+
+
+class TrialAttr:
+    """Keys of each trial's ``user_attrs``. The metric keys are also ``trials.csv`` columns."""
+
+    # metrics (TrialResult fields)
+    ACCURACY = "accuracy"
+    ACCURACY_SE = "accuracy_se"
+    LATENCY_MS = "latency_ms"
+    LATENCY_IQR_MS = "latency_iqr_ms"
+    SIZE_MB = "size_mb"
+    MMACS = "mmacs"
+    BOPS = "bops"
+    PARAMS = "params"  # the parameter count (a metric), not Optuna's sampled params
+    MEETS_BUDGET = "meets_budget"
+    FINETUNE_S = "finetune_s"
+    COMPRESS_S = "compress_s"
+    MEASURE_S = "measure_s"
+    EVALUATE_S = "evaluate_s"
+    ERROR = "error"  # why a trial failed (or a Reason for one that does not count)
+    # per-trial records
+    HISTORY = "history"  # [(step, accuracy), ...] during the fine-tune
+    LAYERS = "layers"  # per-layer plan: bits, channels before -> after, MACs
+    SKIPPED_LAYERS = "skipped_layers"  # layer -> why it was not compressed
+    CANDIDATE = "candidate"  # Candidate.to_dict()
+    # bookkeeping
+    DRIVER = "driver"  # "host:pid" of the driver that asked for it
+    RERUN_OF = "rerun_of"  # the interrupted trial this one re-runs
+    # sweeps: the given candidate (flat) and its position in the list given
+    CANDIDATE_PARAMS = "candidate_params"
+    CANDIDATE_INDEX = "candidate_index"
+
+    ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
+           MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX)
+
+
+#: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
+METRIC_ATTRS = (
+    TrialAttr.ACCURACY, TrialAttr.ACCURACY_SE, TrialAttr.LATENCY_MS, TrialAttr.LATENCY_IQR_MS,
+    TrialAttr.SIZE_MB, TrialAttr.MMACS, TrialAttr.BOPS, TrialAttr.PARAMS, TrialAttr.MEETS_BUDGET,
+    TrialAttr.FINETUNE_S, TrialAttr.COMPRESS_S, TrialAttr.MEASURE_S, TrialAttr.EVALUATE_S,
+    TrialAttr.ERROR,
+)
+#: the per-trial records stored beside the metrics, when not empty
+RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS)
+#: Optuna's system attribute holding an enqueued trial's given params
+FIXED_PARAMS = "fixed_params"
+
+
+class Reason:
+    """``TrialAttr.ERROR`` texts the driver writes itself, for trials that do not count."""
+
+    INTERRUPTED = "interrupted: the driver stopped before this trial finished (re-run on resume)"
+    SURPLUS = "not run: the study already had its trials (another driver sharing it asked first)"
+    NO_REASON = "failed without a reason"
+
+
+#: trials that do not count towards the total: re-run on resume, or never run at all
+NOT_COUNTED = (Reason.INTERRUPTED, Reason.SURPLUS)
+
+#: the objectives, in the order their values are told to the study, and their directions
+OBJECTIVES: dict[str, Direction] = {TrialAttr.ACCURACY: Direction.MAX, TrialAttr.LATENCY_MS: Direction.MIN}
+#: ``optuna.create_study(directions=STUDY_DIRECTIONS)``
+STUDY_DIRECTIONS = [d.study for d in OBJECTIVES.values()]
