@@ -1,12 +1,86 @@
-"""The search's progress line: trials done / total, ETA, best feasible so far."""
+"""Progress bars: one rich bar (:class:`Bar`) for every long loop (teacher training, sensitivity,
+the search), and the search's view on top of it (:class:`ProgressView`: trials done / total, ETA,
+best feasible so far, one printed line per finished trial).
+
+rich is imported only when a bar is shown.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from autoshrink.budget import Budget
+from autoshrink.record import State
 
-__all__ = ["ProgressView"]
+__all__ = ["Bar", "ProgressView"]
+
+
+class Bar:
+    """``label ━━━━━━ 3/10 unit · ETA 0:00:12 · extra``, or nothing at all when not ``enabled``.
+
+    Args:
+        label: what the loop does (shown bold at the left).
+        total: steps in all; ``completed``: steps already done.
+        unit: what a step is (``"trials"``, ``"steps"``), after the count.
+        extra: a rich column template after the ETA, naming ``fields`` (``"· loss {task.fields[loss]}"``).
+        fields: the fields' first values.
+        console: a :class:`rich.console.Console` (default: rich's, on stdout).
+        enabled: False makes every method a no-op (``--no-progress``, tests, workers).
+
+    Example:
+        >>> with Bar("training", 3, unit="steps", enabled=False) as bar:
+        ...     bar.advance()
+    """
+
+    def __init__(self, label: str, total: int, *, completed: int = 0, unit: str = "", extra: str | None = None,
+                 fields: Mapping[str, Any] | None = None, console: Any = None, enabled: bool = True) -> None:
+        self.progress = None
+        if not enabled:
+            return
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn(f"{unit} · ETA" if unit else "· ETA"), TimeRemainingColumn()]
+        if extra:
+            columns.append(TextColumn(extra))
+        self.progress = Progress(*columns, console=console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total, completed=completed, **dict(fields or {}))
+
+    @property
+    def completed(self) -> float:
+        return self.progress.tasks[0].completed if self.progress is not None else 0
+
+    def advance(self, steps: int = 1, **fields: Any) -> None:
+        """``steps`` more done; ``fields`` update the ``extra`` column."""
+        if self.progress is not None:
+            self.progress.update(self.task, advance=steps, **fields)
+
+    def update(self, *, completed: int | None = None, **fields: Any) -> None:
+        """Set the count done (when given) and the ``extra`` fields."""
+        if self.progress is not None:
+            if completed is not None:
+                fields["completed"] = completed
+            self.progress.update(self.task, **fields)
+
+    def print(self, text: str) -> None:
+        """A line above the bar (kept in a log)."""
+        if self.progress is not None:
+            self.progress.console.print(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ProgressView:
@@ -15,54 +89,36 @@ class ProgressView:
     def __init__(self, total: int, done: int, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self.best: tuple[float, float, int] | None = None  # accuracy, latency, number
-        self.progress = None
+        self.bar: Bar | None = None
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
 
-        self.console = Console(stderr=False, file=sys.stdout)
-        self.progress = Progress(
-            TextColumn("[bold]search"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("trials · ETA"),
-            TimeRemainingColumn(),
-            TextColumn("· best feasible: {task.fields[best]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("search", total=total, completed=done, best="none yet")
+        self.bar = Bar("search", total, completed=done, unit="trials", extra="· best feasible: {task.fields[best]}",
+                       fields={"best": "none yet"}, console=Console(stderr=False, file=sys.stdout))
 
     def started(self, number: int, candidate) -> None:
-        if self.progress is not None:
-            self.progress.console.print(f"[dim]trial {number}: {candidate.summary()}[/dim]")
+        if self.bar is not None:
+            self.bar.print(f"[dim]trial {number}: {candidate.summary()}[/dim]")
 
     def finished(self, number: int, m: dict, budget: Budget, *, done: int | None = None) -> None:
         """Print trial ``number``'s outcome; ``done``: trials that now count towards the total
         (an over-budget candidate may not count), default one more than before."""
-        state = m.get("state", "FAIL")
+        state = m.get("state", State.FAIL)
         acc, lat = m.get("accuracy"), m.get("latency_ms")
         feasible = m.get("meets_budget")
-        if state == "COMPLETE" and feasible and acc is not None:
+        if state == State.COMPLETE and feasible and acc is not None:
             if self.best is None or acc > self.best[0]:
                 self.best = (acc, lat, number)
-        if self.progress is None:
+        if self.bar is None:
             return
-        counted = done is None or done > self.progress.tasks[0].completed
+        counted = done is None or done > self.bar.completed
         lat_s = f"{lat:.2f} ms" if lat is not None else "- ms"
         size = m.get("size_mb")
         size_s = f"{size:.2f} MB" if size is not None else "- MB"
-        if state == "FAIL":
+        if state == State.FAIL:
             line = f"[red]trial {number} FAILED[/red]: {m.get('error')}"
-        elif state == "PRUNED":
+        elif state == State.PRUNED:
             line = f"[yellow]trial {number} stopped early[/yellow] (dominated mid-fine-tune) · {lat_s}"
         elif not feasible:
             over = budget.violations({k: m[k] for k in ("latency_ms", "size_mb", "mmacs") if m.get(k) is not None})
@@ -72,17 +128,17 @@ class ProgressView:
         else:
             line = (f"[green]trial {number}[/green]: accuracy {acc:.2f} % · {lat_s} · {size_s} · "
                     f"fine-tune {m.get('finetune_s', 0):.0f} s")
-        self.progress.console.print(line)
+        self.bar.print(line)
         best = "none yet" if self.best is None else f"#{self.best[2]} {self.best[0]:.2f} % @ {self.best[1]:.2f} ms"
         if done is None:
-            self.progress.update(self.task, advance=1, best=best)
+            self.bar.advance(best=best)
         else:
-            self.progress.update(self.task, completed=done, best=best)
+            self.bar.update(completed=done, best=best)
 
     def note(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(f"[bold yellow]{text}[/bold yellow]")
+        if self.bar is not None:
+            self.bar.print(f"[bold yellow]{text}[/bold yellow]")
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.bar is not None:
+            self.bar.close()

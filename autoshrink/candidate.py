@@ -5,6 +5,10 @@ exact names; the first key that matches a layer wins, in insertion order, and la
 matches take ``default_bits`` / ``default_prune``. So a candidate found on one model reads as a
 plan ("stage 1 at 4 bits, 25 % of channels removed") and can be applied to another of the same
 family.
+
+A candidate is immutable all the way down: ``bits`` and ``prune`` are read-only mappings
+(:class:`FrozenMapping`), so candidates are hashable, can key a dict or a set, and a change means
+building a new one (``dataclasses.replace(c, bits={...})``).
 """
 
 from __future__ import annotations
@@ -12,15 +16,58 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ALLOWED_BITS", "Candidate"]
+__all__ = ["ALLOWED_BITS", "Candidate", "FrozenMapping"]
 
 #: Weight bit-widths the lowering supports: 4 (stored packed, computed with int8 kernels),
 #: 8 (int8 kernels) and 32 (left in fp32).
 ALLOWED_BITS = (4, 8, 32)
+
+
+class FrozenMapping(Mapping):
+    """A read-only, hashable mapping that keeps insertion order (first matching key wins).
+
+    Equal to any mapping with the same items (order aside, like ``dict``); pickles (Ray ships
+    candidates to workers) and copies as itself.
+
+    Example:
+        >>> m = FrozenMapping({"fc": 8})
+        >>> m["fc"], m == {"fc": 8}, hash(m) == hash(FrozenMapping({"fc": 8}))
+        (8, True, True)
+        >>> m["fc"] = 4
+        Traceback (most recent call last):
+        ...
+        TypeError: 'FrozenMapping' object does not support item assignment
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_data", dict(data or {}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self._data,))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
 
 
 def _check_bits(where: str, value: Any) -> int:
@@ -75,8 +122,8 @@ class Candidate:
     def __post_init__(self) -> None:
         bits = {str(k): _check_bits(f"bits[{k!r}]", v) for k, v in dict(self.bits).items()}
         prune = {str(k): _check_ratio(f"prune[{k!r}]", v) for k, v in dict(self.prune).items()}
-        object.__setattr__(self, "bits", bits)
-        object.__setattr__(self, "prune", prune)
+        object.__setattr__(self, "bits", FrozenMapping(bits))
+        object.__setattr__(self, "prune", FrozenMapping(prune))
         _check_bits("default_bits", self.default_bits)
         object.__setattr__(self, "default_prune", _check_ratio("default_prune", self.default_prune))
         if not (isinstance(self.kd_temperature, (int, float)) and self.kd_temperature > 0):
@@ -145,7 +192,7 @@ class Candidate:
 
     # -- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["bits"] = dict(self.bits)
         d["prune"] = dict(self.prune)
         return d

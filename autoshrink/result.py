@@ -30,50 +30,10 @@ EXTRA = ["latency_iqr_ms", "compress_s", "measure_s", "evaluate_s"]
 
 
 def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60) -> dict:
-    """The teacher's figures, to compare the compressed model with: accuracy, size, MACs, and
-    fp32 latency both eager and compiled (its *best* fp32 runtime, the fair baseline)."""
-    import torch
+    """The teacher's figures: see :func:`autoshrink.measure.teacher.measure_teacher` (measuring lives there)."""
+    from autoshrink.measure.teacher import measure_teacher as measure
 
-    from autoshrink.candidate import Candidate
-    from autoshrink.compress.quantize import compile_cpu, layer_bits
-    from autoshrink.measure.flops import model_cost
-    from autoshrink.measure.latency import MachineLock, measure_latency
-
-    model = task.model.eval()
-    x = task.example_input
-    cost = model_cost(model, x, layer_bits(model, Candidate(default_bits=32)))
-    lock = MachineLock()
-    eager = measure_latency(model, x, runs=latency_runs, threads=latency_threads, lock=lock)
-    import copy
-
-    compiled = measure_latency(
-        compile_cpu(copy.deepcopy(model)), x, runs=latency_runs, threads=latency_threads, lock=lock
-    )
-    torch._dynamo.reset()
-    if task.teacher_accuracy is not None:
-        acc, se = float(task.teacher_accuracy), None
-        n = _val_len(task)
-        if n:
-            p = acc / 100
-            se = 100 * math.sqrt(max(p * (1 - p), 0) / n)
-    else:
-        acc, se = task.evaluate(model)
-    return {
-        "accuracy": acc,
-        "accuracy_se": se,
-        "latency_ms": compiled.median_ms,
-        "latency_ms_eager": eager.median_ms,
-        "size_mb": cost.size_mb,
-        "mmacs": cost.mmacs,
-        "params": cost.params,
-    }
-
-
-def _val_len(task) -> int | None:
-    try:
-        return len(task.val_data.dataset if hasattr(task.val_data, "dataset") else task.val_data)
-    except TypeError:
-        return None
+    return measure(task, latency_threads, latency_runs)
 
 
 def trials_frame(study) -> pd.DataFrame:

@@ -272,36 +272,18 @@ def _rule_layers(rules: Sequence[LayerRule], names: Sequence[str]) -> dict[str, 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[str | None], None]]:
     """Yield ``advance(description)``: call it before each measurement and with None at the end."""
-    if not enabled:
-        yield lambda _description: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from autoshrink._progress import Bar
 
-    bar = Progress(
-        TextColumn("[bold]sensitivity"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("· ETA"),
-        TimeRemainingColumn(),
-        TextColumn("· {task.description}"),
-    )
-    task_id = bar.add_task("", total=total)
-    started = False
+    with Bar("sensitivity", total, extra="· {task.fields[setting]}", fields={"setting": ""}, enabled=enabled) as bar:
+        started = False
 
-    def advance(description: str | None) -> None:
-        nonlocal started
-        if started:
-            bar.advance(task_id)
-        started = True
-        bar.update(task_id, description=description or "done")
+        def advance(description: str | None) -> None:
+            nonlocal started
+            if started:
+                bar.advance()
+            started = True
+            bar.update(setting=description or "done")
 
-    with bar:
         yield advance
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
 
 __all__ = ["LayerChange", "PruneReport", "find_head", "prunable_layers", "prune_"]
@@ -88,17 +89,8 @@ def find_head(model: nn.Module, example_input: torch.Tensor) -> str | None:
     task's classes and so must never be pruned."""
     names = {m: n for n, m in model.named_modules()}
     order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod]))
-        for m in model.modules()
-        if isinstance(m, PRUNABLE)
-    ]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = {m: lambda mod, _i, _o: order.append(names[mod]) for m in model.modules() if isinstance(m, PRUNABLE)}
+    run_with_hooks(model, example_input, forward=hooks)
     return order[-1] if order else None
 
 

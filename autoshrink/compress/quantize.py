@@ -534,8 +534,29 @@ def lower(prepared: nn.Module) -> nn.Module:
 
 def compile_cpu(model: nn.Module):
     """Compile for CPU inference with Inductor, with weight freezing so that PT2E's
-    quantize/dequantize patterns become oneDNN int8 kernels (and fp32 convs get prepacked)."""
+    quantize/dequantize patterns become oneDNN int8 kernels (and fp32 convs get prepacked).
+
+    Freezing is Inductor's ``freezing`` setting, switched on only while the returned callable
+    runs, never for the rest of the process. ``torch.compile`` is lazy (it compiles on the first
+    call, and again on a recompile), and neither ``options={"freezing": True}`` nor a patch
+    around the backend call yields a frozen graph in torch 2.13: the setting must hold while
+    the compiled model is called. The toggle costs a few microseconds per call.
+
+    Returns:
+        A callable ``model(x) -> output``; call it under ``torch.no_grad()`` (freezing only
+        applies to inference).
+    """
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True
-    return torch.compile(model, dynamic=False)
+    compiled = torch.compile(model, dynamic=False)
+
+    @functools.wraps(compiled)
+    def frozen(*args, **kwargs):
+        before = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+
+    return frozen

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from autoshrink._forward import run_with_hooks
+
 __all__ = ["LatencyPredictor", "layer_inputs"]
 
 _EMPTY = "call"  # the table's entry for calling an empty compiled model
@@ -53,18 +55,13 @@ def _machine_key(threads: int) -> str:
 def layer_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     """Each Conv2d / Linear layer of ``model`` with the shape of its input at batch 1."""
     found: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
-    hooks = []
+    pre = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             def hook(mod, args, _name=name):
                 found.setdefault(_name, (mod, tuple(args[0].shape)))
-            hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(example_input[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+            pre[module] = hook
+    run_with_hooks(model, example_input[:1], pre=pre)
     return found
 
 

@@ -18,14 +18,12 @@ import importlib
 import inspect
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from autoshrink._files import atomic_path
 from autoshrink.data import SCHEMES, ImageData, load_data, read_cifar10
 from autoshrink.task import Task, TaskError
 
@@ -359,32 +357,26 @@ def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress
     """
     from autoshrink import models
     from autoshrink._env import cache_dir
+    from autoshrink.tasks._teacher_cache import cached_teacher
     from autoshrink.tasks.digits import train_teacher
 
     epochs = epochs or int(os.environ.get("AUTOSHRINK_TEACHER_EPOCHS", str(CIFAR10_EPOCHS)))
     data = read_cifar10(root, in_chans=3)
-    teacher = models.create(CIFAR10_TEACHER, num_classes=len(data.classes), in_chans=3)
     key = hashlib.sha1(f"{data.digest}-e{epochs}-{torch.__version__}".encode()).hexdigest()[:12]
-    path = cache_dir() / "teachers" / f"cifar10-{CIFAR10_TEACHER}-{key}.pt"
-    accuracy = None
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            teacher.load_state_dict(saved["model"])
-            accuracy = float(saved["accuracy"])
-        except Exception:  # a damaged cache entry is retrained, never trusted
-            path.unlink(missing_ok=True)
-            teacher = models.create(CIFAR10_TEACHER, num_classes=len(data.classes), in_chans=3)
-    if accuracy is None:
-        start = time.perf_counter()
+
+    def train(teacher: nn.Module) -> float:
         train_teacher(teacher, data, epochs=epochs, batch_size=128, lr=0.1, progress=progress,
                       label=f"training the CIFAR-10 teacher ({CIFAR10_TEACHER}, {epochs} epochs; "
                             "first use only, cached)")
-        probe = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0))
-        accuracy, _ = probe.evaluate(teacher)
-        with atomic_path(path) as tmp:
-            torch.save({"model": teacher.state_dict(), "accuracy": accuracy,
-                        "train_s": time.perf_counter() - start}, tmp)
+        accuracy, _ = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0)).evaluate(teacher)
+        return accuracy
+
+    teacher, accuracy = cached_teacher(
+        cache_dir() / "teachers" / f"cifar10-{CIFAR10_TEACHER}-{key}.pt",
+        lambda: models.create(CIFAR10_TEACHER, num_classes=len(data.classes), in_chans=3),
+        train,
+        retrain_damaged=True,  # a damaged cache entry is retrained, never trusted
+    )
     return Task(
         model=teacher.eval(),
         train_data=data.train,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +37,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from autoshrink._env import cache_dir
-from autoshrink._files import atomic_path
-from autoshrink.task import Task, TaskError
+from autoshrink._progress import Bar
+from autoshrink.task import Task
+from autoshrink.tasks._teacher_cache import cached_teacher
 
 __all__ = ["DigitsData", "digits_data", "digits_task", "train_teacher"]
 
@@ -126,7 +126,7 @@ def train_teacher(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
     model.train()
-    bar = _progress(progress, steps, label)
+    bar = Bar(label, steps, unit="steps", extra="· loss {task.fields[loss]}", fields={"loss": "-"}, enabled=progress)
     try:
         for _ in range(epochs):
             for x, y in loader:
@@ -135,39 +135,10 @@ def train_teacher(
                 loss.backward()
                 opt.step()
                 sched.step()
-                bar.advance(loss.item())
+                bar.advance(loss=f"{loss.item():.3f}")
     finally:
         bar.close()
     return model.eval()
-
-
-class _Bar:
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} steps · loss {task.fields[loss]}"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(label, total=total, loss="-")
-
-    def advance(self, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.3f}")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _progress(enabled: bool, total: int, label: str) -> _Bar:
-    return _Bar(enabled, total, label)
 
 
 def _teacher_path(model_name: str, epochs: int) -> Path:
@@ -191,33 +162,21 @@ def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progre
 
     epochs = epochs or int(os.environ.get("AUTOSHRINK_TEACHER_EPOCHS", "6"))
     data = digits_data()
-    teacher = models.create(model, num_classes=10, in_chans=1)
-    path = _teacher_path(model, epochs)
-    meta_acc = None
-    if path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            teacher.load_state_dict(state["model"])
-            meta_acc = float(state["accuracy"])
-        except Exception as exc:  # never trust a damaged or tampered cache file
-            raise TaskError(
-                f"the cached teacher {path} cannot be loaded safely ({type(exc).__name__}); "
-                "delete it and it will be trained again"
-            ) from None
-    else:
-        start = time.perf_counter()
+    example = data.val[0][0].unsqueeze(0)
+
+    def train(teacher: nn.Module) -> float:
         train_teacher(teacher, data, epochs=epochs, progress=progress)
-        task = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0))
-        meta_acc, _ = task.evaluate(teacher)
-        with atomic_path(path) as tmp:
-            torch.save({"model": teacher.state_dict(), "accuracy": meta_acc,
-                        "train_s": time.perf_counter() - start}, tmp)
-    teacher.eval()
+        accuracy, _ = Task(teacher, data.train, data.val, example).evaluate(teacher)
+        return accuracy
+
+    teacher, meta_acc = cached_teacher(
+        _teacher_path(model, epochs), lambda: models.create(model, num_classes=10, in_chans=1), train
+    )
     return Task(
         model=teacher,
         train_data=data.train,
         val_data=data.val,
-        example_input=data.val[0][0].unsqueeze(0),
+        example_input=example,
         name="digits" if model == "resnet18_32" else f"digits-{model}",
         teacher_accuracy=meta_acc,
         description=(
