@@ -91,7 +91,7 @@ class Driver:
     def record_meta(self, **extra: Any) -> None:
         """Record what the run is made with (space, budget, task, ``extra``) and, once, the
         teacher's measured figures."""
-        from autoshrink.result import measure_teacher
+        from autoshrink.measure.teacher import measure_teacher
 
         s = self.study
         attrs = s.user_attrs

@@ -13,7 +13,6 @@ import io
 import logging
 import math
 import time
-from typing import Any
 
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
@@ -102,49 +101,13 @@ def timing_context(settings: TrialSettings):
 
 
 def uniform_ratios(space: SearchSpace) -> list[float]:
-    """The uniform pruning ratios worth telling apart: every rule's pruning steps (eighths for
-    a continuous range), from 0 to the highest ratio any rule allows."""
-    from autoshrink.space import Range
-
-    values: set[float] = {0.0}
-    for rule in space.to_dict()["layers"]:
-        knob = rule.get("prune")
-        if isinstance(knob, dict):
-            stepped = Range(low=knob["low"], high=knob["high"], step=knob.get("step") or 0.125)
-            values.update(round(v, 6) for v in stepped.values())
-            if not knob.get("step"):  # a continuous range: its top too
-                values.add(round(knob["high"], 6))
-        elif isinstance(knob, list):
-            values.update(float(v) for v in knob)
-        elif isinstance(knob, (int, float)):
-            values.add(float(knob))
-    return sorted(v for v in values if 0.0 <= v < 1.0)
+    """The uniform pruning ratios worth telling apart (:meth:`SearchSpace.uniform_prune_ratios`)."""
+    return space.uniform_prune_ratios()
 
 
 def cheapest(space: SearchSpace) -> Candidate:
-    """The space's smallest, lightest configuration: every rule at its lowest bits and its
-    highest pruning ratio (and no channel rounding when the space allows it)."""
-    spec = space.to_dict()
-
-    def top(knob: Any) -> float:
-        if isinstance(knob, dict):  # a range
-            if knob.get("step"):
-                return knob["low"] + math.floor((knob["high"] - knob["low"]) / knob["step"] + 1e-9) * knob["step"]
-            return knob["high"]
-        return max(knob) if isinstance(knob, list) else knob
-
-    bits, prune = {}, {}
-    for rule in spec["layers"]:
-        if rule.get("bits") is not None:
-            b = rule["bits"]
-            bits[rule["pattern"]] = min(b) if isinstance(b, list) else b
-        if rule.get("prune") is not None:
-            prune[rule["pattern"]] = top(rule["prune"])
-    rounding = spec.get("round_to")
-    if isinstance(rounding, list):
-        rounding = None if None in rounding else min(rounding)
-    return Candidate(bits=bits, prune=prune, default_bits=spec["defaults"]["bits"],
-                     default_prune=spec["defaults"]["prune"], finetune_steps=0, round_to=rounding)
+    """The space's smallest, lightest configuration (:meth:`SearchSpace.cheapest`)."""
+    return space.cheapest()
 
 
 def check_exportable(task: Task) -> None:
