@@ -369,8 +369,8 @@ def auto_space(
     rules: list[dict[str, Any]] = []
     if g.stem in quantizable:
         rules.append({"name": "stem", "pattern": g.stem, "bits": PROTECTED_BITS})
-    if g.head in quantizable:
-        rules.append({"name": "head", "pattern": g.head, "bits": PROTECTED_BITS})
+    if g.head in quantizable:  # (a model that is one Linear is named "": "*" matches it)
+        rules.append({"name": "head", "pattern": g.head or "*", "bits": PROTECTED_BITS})
     for i, stage in enumerate(stages):
         layers = [n for u in stage for n in u.layers]
         rule: dict[str, Any] = {"name": f"stage{i + 1}", "pattern": _pattern(stage), "bits": STAGE_BITS}

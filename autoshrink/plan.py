@@ -285,7 +285,8 @@ def plan(
                 unpruned.setdefault(n, f"its group's rule ({rule.label if rule else 'defaults'}) never prunes")
 
     cheapest = cheapest_candidate(space)
-    fp32 = dict(unsupported_layers(model, cheapest))
+    # whatever bits a candidate asks, these stay fp32 (asked at 8 bits, every one is named)
+    fp32 = dict(unsupported_layers(model, Candidate.uniform(bits=8)))
     for r, rule in zip(rules, bound.rules(), strict=True):
         bits = rule.bits if isinstance(rule.bits, list) else [rule.bits] if rule.bits is not None else []
         if bits and min(bits) == 32:
