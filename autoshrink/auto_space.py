@@ -6,8 +6,9 @@ input) and the classifier head (the last one), and torch-pruning's dependency gr
 whose output channels must be pruned together). :func:`auto_space` gathers the layers into a few
 stages along the model's own blocks (its top-level children, descending into the container that
 holds most of the layers: ``blocks.0``, ``encoder.layer.3``), gives each stage bits ``[4, 8, 32]``
-and a pruning range that grows with depth, protects the stem and head (``[8, 32]``, never pruned),
-and takes the KD and fine-tune knobs from the bundled ``default.yaml``. The result's patterns name
+and a pruning range that grows with depth, protects the stem and head (``[8, 32]``, no pruning
+rule of their own: the head is never pruned, the stem only as part of a group a stage's layer
+leads, such as a ViT's residual stream), and takes the KD and fine-tune knobs from the bundled ``default.yaml``. The result's patterns name
 only the model's real modules, so it binds to the model it came from.
 
 Example:
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +143,8 @@ def _dependency_groups(
     ignored = [modules[head]] if head is not None else []
     was_training = model.training
     try:
-        with contextlib.redirect_stdout(None):
+        with contextlib.redirect_stdout(None), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its notes on unwrapped parameters (a ViT's pos_embed)
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
         groups = []
         for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=_PRUNABLE):
@@ -384,7 +387,7 @@ def auto_space(
         "name": f"auto-{label}",
         "description": (f"Derived from {label}'s graph: {len(stages)} stage(s) of its blocks with "
                         "4/8/32-bit weights and structured pruning; stem and classifier head "
-                        "protected (8/32 bits, never pruned)."),
+                        "protected (8/32 bits, no pruning rule of their own)."),
         "layers": rules,
         "defaults": {"bits": 8, "prune": 0.0},
         "distill": default["distill"],

@@ -100,6 +100,21 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--space", default=None)
     se.add_argument("--max-drop", type=_positive(float), default=1.0)
     _task_args(se)
+
+    # plan / space: what a search would do, and the space it would use, without training
+    for cmd, text in (("plan", "what a search would do, without training"),
+                      ("space", "write the search space derived from the model, to edit")):
+        q = sub.add_parser(cmd, help=text)
+        q.add_argument("--task", default=None, help="built-in task (default: digits)")
+        if cmd == "plan":
+            q.add_argument("--space", default=None, help="search space YAML or 'auto' (default: the search's)")
+            q.add_argument("--budget-ms", type=_positive(float), help="latency budget (ms, batch 1)")
+            q.add_argument("--budget-mb", type=_positive(float), help="size budget (MB)")
+            q.add_argument("--budget-mmacs", type=_positive(float), help="compute budget (million MACs)")
+            q.add_argument("--no-latency", action="store_true", help="do not compile and time the cheapest candidate")
+        else:
+            q.add_argument("-o", "--output", default=None, help="YAML file to write (default: print it)")
+        _task_args(q)
     return p
 
 
@@ -270,7 +285,46 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _plan_subject(args):
+    """The task (your --model/--data) or, for a built-in task, an untrained model of its
+    architecture: a plan depends on the architecture only, so no teacher trains for it."""
+    if args.model or args.data:
+        return _build_task(args), None
+    from autoshrink import tasks
+
+    return tasks.blueprint(args.task or "digits")
+
+
+def _cmd_plan(args) -> int:
+    import autoshrink as ash
+    from autoshrink.plan import plan, render
+
+    budget = ash.Budget(latency_ms=args.budget_ms, size_mb=args.budget_mb, mmacs=args.budget_mmacs)
+    subject, x = _plan_subject(args)
+    print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency)), end="")
+    return 0
+
+
+def _cmd_space(args) -> int:
+    from autoshrink.auto_space import auto_space, space_to_yaml
+
+    subject, x = _plan_subject(args)
+    model = getattr(subject, "model", subject)
+    text = space_to_yaml(auto_space(model, x if x is not None else subject.example_input))
+    if args.output is None:
+        print(text, end="")
+        return 0
+    from autoshrink._files import atomic_path
+
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(text)
+    print(f"wrote {args.output} (edit it, then: autoshrink search --space {args.output} ...)")
+    return 0
+
+
 COMMANDS = {
+    "plan": _cmd_plan,
+    "space": _cmd_space,
     "search": _cmd_search,
     "pareto": _cmd_pareto,
     "export": _cmd_export,

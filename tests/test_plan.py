@@ -99,3 +99,25 @@ def test_plan_times_the_cheapest_candidate(resnet20):
     assert p.cheapest_error == ""
     assert p.cheapest_cost["latency_ms"] > 0 and p.meets_budget is True
     assert "ms (median of a short run)" in render(p)
+
+
+def test_the_plan_and_space_commands_need_no_training(tmp_path, capsys, monkeypatch):
+    import autoshrink.tasks.digits as digits
+    from autoshrink.cli import main
+    from autoshrink.space import default_space_path
+
+    def no_training(*_a, **_k):
+        raise AssertionError("a teacher trained for a plan")
+
+    monkeypatch.setattr(digits, "train_teacher", no_training)
+    assert main(["plan", "--task", "digits-resnet20", "--no-latency", "--budget-mmacs", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "space auto:resnet20" in out and "layer3.*" in out and "meets it" in out
+    # the bundled default names layer4, which resnet20 does not have: exit 2, one line, in seconds
+    assert main(["plan", "--task", "digits-resnet20", "--space", str(default_space_path())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoshrink: error: ") and "'layer4.*' matches no layer" in err
+    target = tmp_path / "vit.yaml"
+    assert main(["space", "--task", "digits-vit", "-o", str(target)]) == 0
+    assert SearchSpace.from_yaml(target).source == str(target)
+    assert "blocks.3.*" in target.read_text()
