@@ -8,8 +8,9 @@ stages along the model's own blocks (its top-level children, descending into the
 holds most of the layers: ``blocks.0``, ``encoder.layer.3``), gives each stage bits ``[4, 8, 32]``
 and a pruning range that grows with depth, protects the stem and head (``[8, 32]``, no pruning
 rule of their own: the head is never pruned, the stem only as part of a group a stage's layer
-leads, such as a ViT's residual stream), and takes the KD and fine-tune knobs from the bundled ``default.yaml``. The result's patterns name
-only the model's real modules, so it binds to the model it came from.
+leads, such as a ViT's residual stream), and takes the KD and fine-tune knobs from the bundled
+``default.yaml``. The result's patterns name only the model's real modules, so it binds to the
+model it came from.
 
 Example:
     >>> from autoshrink import models

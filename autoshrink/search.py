@@ -724,10 +724,14 @@ class _Driver:
     def _start_ray(self) -> None:
         import ray
 
+        from autoshrink._usercode import runtime_env
+
         if ray.is_initialized():
             return
+        env = runtime_env(self.task)  # the user's own modules, importable on every worker
+        self._code_shipped = env is not None
         if self.ray_address:
-            ray.init(address=self.ray_address, log_to_driver=False, logging_level="ERROR")
+            ray.init(address=self.ray_address, log_to_driver=False, logging_level="ERROR", runtime_env=env)
         else:
             with _loopback_only():
                 ray.init(
@@ -740,6 +744,7 @@ class _Driver:
                     log_to_driver=False,
                     logging_level="ERROR",
                     configure_logging=False,
+                    runtime_env=env,
                 )
             self._ray_started = True
 
@@ -801,7 +806,8 @@ class _Driver:
         if self._committed() >= total:
             return
         self._start_ray()
-        _ship_user_code_by_value(self.task)
+        if not getattr(self, "_code_shipped", False):  # a Ray the caller started: no runtime_env of ours
+            _ship_user_code_by_value(self.task)
         task_ref = ray.put(self.task)
         logits = teacher_logits(self.task.model, self.task.train_data)
         logits_ref = ray.put(logits)
