@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="your model factory, pkg.module:function")
+    p.add_argument("--model", default=None, help="your model factory, pkg.module:function, or hf:DIR (save_pretrained)")
     p.add_argument("--checkpoint", default=None, help="state_dict file for --model (weights_only)")
     p.add_argument("--data", default=None, help="imagefolder:DIR or cifar10:DIR")
     p.add_argument("--num-classes", type=_positive(int), default=None)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from autoshrink import _batches
 from autoshrink.candidate import Candidate
 
 __all__ = ["LayerChange", "PruneReport", "find_head", "prunable_layers", "prune_"]
@@ -95,7 +96,7 @@ def find_head(model: nn.Module, example_input: torch.Tensor) -> str | None:
     ]
     try:
         with torch.no_grad():
-            model(example_input)
+            _batches.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -284,7 +285,7 @@ def _check_forward(model: nn.Module, example_input: torch.Tensor, report: PruneR
     width, say) break when channels go, and the error should say which layers changed."""
     try:
         with torch.no_grad():
-            model(example_input)
+            _batches.call(model, example_input)
     except Exception as exc:  # the user's forward: any error means pruning broke it
         changed = [c.layer for c in report.layers if c.after != c.before][:5]
         raise RuntimeError(
