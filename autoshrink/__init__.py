@@ -20,6 +20,7 @@ from autoshrink.budget import Budget  # noqa: E402
 from autoshrink.candidate import Candidate  # noqa: E402
 from autoshrink.compress import apply  # noqa: E402
 from autoshrink.frontier import hypervolume, pareto_front  # noqa: E402
+from autoshrink.plan import plan  # noqa: E402
 from autoshrink.result import load  # noqa: E402
 from autoshrink.search import search  # noqa: E402
 from autoshrink.sensitivity import sensitivity  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "load",
     "models",
     "pareto_front",
+    "plan",
     "search",
     "sensitivity",
     "sweep",

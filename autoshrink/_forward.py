@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from autoshrink import _batches
+
 __all__ = ["run_with_hooks"]
 
 
@@ -47,7 +49,7 @@ def run_with_hooks(
     model.eval()
     try:
         with torch.no_grad():
-            return model(example_input)
+            return _batches.call(model, example_input)
     finally:
         for h in handles:
             h.remove()

@@ -75,9 +75,10 @@ def _remote_measure(meter: Any):
     def measure(lowered, example_input, runs: int, threads: int):
         import ray
 
+        from autoshrink._batches import first
         from autoshrink.measure.latency import program_bytes
 
-        x = example_input[:1].contiguous()
+        x = first(example_input, 1)
         return ray.get(meter.measure.remote(program_bytes(lowered, x), x, runs, threads))
 
     return measure

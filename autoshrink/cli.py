@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-drop", type=_positive(float),
                    help="accuracy-constraint mode: the fastest model within this many points of the teacher")
     s.add_argument("--task", default=None, help="built-in task (default: digits)")
-    s.add_argument("--space", default=None, help="search space YAML (default: the bundled default.yaml)")
+    s.add_argument("--space", default=None,
+                   help="search space YAML, or 'auto' (derived from the model's graph; the default for every "
+                   "model but resnet18_32, whose bundled default.yaml is used)")
     s.add_argument("--trials", type=_positive(int), default=12,
                    help="candidates to fine-tune (default 12); those that miss the budget are "
                         "measured and recorded but not counted (up to 4x --trials of them)")
@@ -102,11 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--space", default=None)
     se.add_argument("--max-drop", type=_positive(float), default=1.0)
     _task_args(se)
+
+    # plan / space: what a search would do, and the space it would use, without training
+    for cmd, text in (("plan", "what a search would do, without training"),
+                      ("space", "write the search space derived from the model, to edit")):
+        q = sub.add_parser(cmd, help=text)
+        q.add_argument("--task", default=None, help="built-in task (default: digits)")
+        if cmd == "plan":
+            q.add_argument("--space", default=None, help="search space YAML or 'auto' (default: the search's)")
+            q.add_argument("--budget-ms", type=_positive(float), help="latency budget (ms, batch 1)")
+            q.add_argument("--budget-mb", type=_positive(float), help="size budget (MB)")
+            q.add_argument("--budget-mmacs", type=_positive(float), help="compute budget (million MACs)")
+            q.add_argument("--no-latency", action="store_true", help="do not compile and time the cheapest candidate")
+        else:
+            q.add_argument("-o", "--output", default=None, help="YAML file to write (default: print it)")
+        _task_args(q)
     return p
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="your model factory, pkg.module:function")
+    p.add_argument("--model", default=None, help="your model factory, pkg.module:function, or hf:DIR (save_pretrained)")
     p.add_argument("--checkpoint", default=None, help="state_dict file for --model (weights_only)")
     p.add_argument("--data", default=None, help="imagefolder:DIR or cifar10:DIR")
     p.add_argument("--num-classes", type=_positive(int), default=None)
@@ -132,15 +149,21 @@ def _cmd_search(args) -> int:
         raise CliError("give a budget (--budget-ms, --budget-mb, --budget-mmacs) or --max-drop")
     if args.resume and not args.out:
         raise CliError("--resume needs --out DIR (the run folder to continue)")
-    space = ash.SearchSpace.from_yaml(args.space) if args.space else ash.SearchSpace.default()
-    if args.out or args.resume:  # before the task: a built-in teacher may train for minutes first
+    # The space is checked against the model's architecture before the task is built: a built-in
+    # teacher may train for minutes first, and a space error must show in seconds.
+    from autoshrink.plan import check_space
+
+    subject, x = _plan_subject(args)
+    model = getattr(subject, "model", subject)
+    space = check_space(model, x if x is not None else subject.example_input, args.space)
+    if args.out or args.resume:
         from autoshrink.search import check_run_folder
 
         check_run_folder(args.out, resume=args.resume, storage=args.storage,
                          study_name=args.study_name, space=space, budget=budget)
-    task = _build_task(args)
+    task = subject if x is None else _build_task(args)
     result = ash.search(
-        task, space, budget, trials=args.trials, workers=args.workers, out=args.out,
+        task, args.space, budget, trials=args.trials, workers=args.workers, out=args.out,
         resume=args.resume, seed=args.seed, sampler=args.sampler, storage=args.storage,
         study_name=args.study_name, ray_address=args.ray_address, latency_target=args.latency_target,
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
@@ -272,7 +295,46 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _plan_subject(args):
+    """The task (your --model/--data) or, for a built-in task, an untrained model of its
+    architecture: a plan depends on the architecture only, so no teacher trains for it."""
+    if args.model or args.data:
+        return _build_task(args), None
+    from autoshrink import tasks
+
+    return tasks.blueprint(args.task or "digits")
+
+
+def _cmd_plan(args) -> int:
+    import autoshrink as ash
+    from autoshrink.plan import plan, render
+
+    budget = ash.Budget(latency_ms=args.budget_ms, size_mb=args.budget_mb, mmacs=args.budget_mmacs)
+    subject, x = _plan_subject(args)
+    print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency)), end="")
+    return 0
+
+
+def _cmd_space(args) -> int:
+    from autoshrink.space.auto import auto_space, space_to_yaml
+
+    subject, x = _plan_subject(args)
+    model = getattr(subject, "model", subject)
+    text = space_to_yaml(auto_space(model, x if x is not None else subject.example_input))
+    if args.output is None:
+        print(text, end="")
+        return 0
+    from autoshrink._files import atomic_path
+
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(text)
+    print(f"wrote {args.output} (edit it, then: autoshrink search --space {args.output} ...)")
+    return 0
+
+
 COMMANDS = {
+    "plan": _cmd_plan,
+    "space": _cmd_space,
     "search": _cmd_search,
     "pareto": _cmd_pareto,
     "export": _cmd_export,

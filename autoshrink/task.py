@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+
+from autoshrink import _batches
 
 __all__ = ["Task", "TaskError", "top1_accuracy"]
 
@@ -72,9 +74,12 @@ class Task:
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TaskError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        if not isinstance(self.example_input, torch.Tensor):
+        x = self.example_input
+        if not (isinstance(x, torch.Tensor) or (
+                isinstance(x, Mapping) and x and all(isinstance(v, torch.Tensor) for v in x.values()))):
             raise TaskError(
-                f"example_input must be a torch.Tensor batch, got {type(self.example_input).__name__}"
+                "example_input must be a torch.Tensor batch or a dict of tensors (model(**inputs)), "
+                f"got {type(self.example_input).__name__}"
             )
         for label, data in (("train_data", self.train_data), ("val_data", self.val_data)):
             if not isinstance(data, (Dataset, DataLoader)):
@@ -88,13 +93,17 @@ class Task:
         self.model.eval()
         try:
             with torch.no_grad():
-                out = self.model(self.example_input)
+                out = _batches.call(self.model, self.example_input)
         except Exception as exc:  # the user's model: any error means the input does not fit
             raise TaskError(
-                f"the model does not accept example_input of shape {tuple(self.example_input.shape)}: "
+                f"the model does not accept example_input of shape {_shapes(self.example_input)}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        try:
+            out = _batches.logits_of(out)
+        except TypeError as exc:
+            raise TaskError(str(exc)) from None
+        if out.dim() != 2:
             raise TaskError(
                 "the model must return a (batch, classes) tensor of logits; got "
                 f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
@@ -111,10 +120,10 @@ class Task:
 
     def calibration_batches(self, n: int = 4, batch_size: int = 32) -> Iterator[torch.Tensor]:
         """A few training inputs for PTQ observers (deterministic)."""
-        for i, (x, _y) in enumerate(self.loader("train", batch_size, shuffle=True, seed=1234)):
+        for i, batch in enumerate(self.loader("train", batch_size, shuffle=True, seed=1234)):
             if i >= n:
                 return
-            yield x
+            yield _batches.split_batch(batch)[0]
 
     def evaluate(
         self,
@@ -140,16 +149,17 @@ class Task:
         logits, targets = [], []
         seen = 0
         with torch.no_grad():
-            for x, y in self.loader("val", batch_size, shuffle=False):
+            for batch in self.loader("val", batch_size, shuffle=False):
+                x, y = _batches.split_batch(batch)
                 if limit is not None and seen >= limit:
                     break
                 if limit is not None:
-                    x, y = x[: limit - seen], y[: limit - seen]
-                n = len(x)
+                    x, y = _batches.first(x, limit - seen), y[: limit - seen]
+                n = _batches.batch_size(x)
                 if fixed_batch and n < batch_size:
-                    x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+                    x = _batches.pad_to(x, batch_size)
                 with hold():
-                    logits.append(model(x)[:n].float())
+                    logits.append(_batches.logits_of(_batches.call(model, x))[:n].float())
                 targets.append(y)
                 seen += len(y)
         out, tgt = torch.cat(logits), torch.cat(targets)
@@ -158,3 +168,9 @@ class Task:
             se = 100.0 * math.sqrt(max(acc / 100 * (1 - acc / 100), 0.0) / len(tgt))
             return acc, se
         return float(self.metric(out, tgt)), None
+
+
+def _shapes(x) -> object:
+    if isinstance(x, Mapping):
+        return {k: tuple(v.shape) for k, v in x.items()}
+    return tuple(x.shape)

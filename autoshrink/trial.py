@@ -245,14 +245,13 @@ def _bits_only(bits: dict[str, int]) -> Candidate:
 def save_deployable(lowered: torch.nn.Module, example_input: torch.Tensor, path: Path) -> Path:
     """Save the lowered model as a ``torch.export`` program (loads with torch alone:
     ``torch.export.load(path).module()``), written to a temporary name then renamed."""
-    from autoshrink.compress.quantize import batch_of_two
+    from autoshrink import _batches
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_unused_weights_(lowered)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    ep = torch.export.export(
-        lowered, (batch_of_two(example_input),), dynamic_shapes=({0: batch},), strict=False
-    )
+    args, kwargs, dynamic = _batches.export_args(_batches.batch_of_two(example_input), batch)
+    ep = torch.export.export(lowered, args, kwargs, dynamic_shapes=dynamic, strict=False)
     with atomic_path(path) as tmp:
         torch.export.save(ep, tmp)
     return path

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from autoshrink import _batches
 from autoshrink._files import atomic_path
 from autoshrink.candidate import Candidate
 from autoshrink.compress.quantize import set_eval, set_train
@@ -90,7 +91,7 @@ def teacher_logits(
     out = []
     with torch.no_grad():
         for (x, *_rest) in DataLoader(data, batch_size=batch_size, shuffle=False):
-            out.append(teacher(x).float())
+            out.append(_batches.logits_of(teacher(x)).float())
     logits = torch.cat(out)
     if path is not None:
         with atomic_path(path) as tmp:
@@ -183,11 +184,12 @@ def finetune(
                 x, y, idx = batch
                 t_logits = cached_logits[idx]
             else:
-                x, y = batch[0], batch[1]
+                x, y = _batches.split_batch(batch)
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = _batches.logits_of(_batches.call(teacher, x))
             with hold():
-                loss = kd_loss(student(x), t_logits, y, candidate.kd_temperature, candidate.kd_alpha)
+                logits = _batches.logits_of(_batches.call(student, x))
+                loss = kd_loss(logits, t_logits, y, candidate.kd_temperature, candidate.kd_alpha)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from autoshrink import _batches
 from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
 
@@ -276,7 +277,7 @@ def _check_forward(model: nn.Module, example_input: torch.Tensor, report: PruneR
     width, say) break when channels go, and the error should say which layers changed."""
     try:
         with torch.no_grad():
-            model(example_input)
+            _batches.call(model, example_input)
     except Exception as exc:  # the user's forward: any error means pruning broke it
         changed = [c.layer for c in report.layers if c.after != c.before][:5]
         raise RuntimeError(

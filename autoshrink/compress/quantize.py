@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from autoshrink import _batches
 from autoshrink.candidate import Candidate
 
 __all__ = [
@@ -115,14 +116,15 @@ def layer_bits(model: nn.Module, candidate: Candidate) -> dict[str, int]:
 
 def batch_of_two(example_input: torch.Tensor) -> torch.Tensor:
     # Exporting with a batch of 1 would specialise the batch dimension to 1.
-    return example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+    return _batches.batch_of_two(example_input)
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
     """``torch.export`` the model with a dynamic batch dimension, as a GraphModule."""
     x = batch_of_two(example_input)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+    args, kwargs, dynamic = _batches.export_args(x, batch)  # a dict input is passed as keywords
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     gm = ep.module()
     _split_reused_activations(gm)
     return gm
@@ -412,7 +414,7 @@ def prepare_qat(
     prepared.apply(enable_observer)
     with torch.no_grad():
         for x in calibration if calibration is not None else [example_input]:
-            prepared(x)
+            _batches.call(prepared, x)
     set_train(prepared)
     return prepared
 
@@ -441,7 +443,7 @@ def fold_bn_(model: nn.Module, layers: set[str], example_input: torch.Tensor) ->
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            _batches.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -484,7 +486,7 @@ def prepare_ptq(
         prepared = prepare_pt2e(gm, _quantizer(bits, is_qat=False))
     with torch.no_grad():
         for x in calibration:
-            prepared(x)
+            _batches.call(prepared, x)
     return prepared
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from autoshrink import _batches
+
 __all__ = ["Cost", "model_cost"]
 
 
@@ -45,16 +47,18 @@ def model_cost(model: nn.Module, example_input: torch.Tensor, bits: Mapping[str,
     """
     from fvcore.nn import FlopCountAnalysis
 
-    x = example_input[:1]
+    x = _batches.first(example_input, 1)
+    keys = list(x) if isinstance(x, Mapping) else None
     was_training = model.training
     model.eval()
     try:
-        analysis = FlopCountAnalysis(model, (x,))
+        # fvcore traces positional tensors to a tensor: a dict input or a `.logits` output is adapted
+        analysis = FlopCountAnalysis(_Positional(model, keys), tuple(x.values()) if keys else (x,))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
         logging.getLogger("fvcore").setLevel(logging.ERROR)
         total = float(analysis.total())
-        by_module = analysis.by_module()
+        by_module = {k.removeprefix("model."): v for k, v in analysis.by_module().items()}
     finally:
         model.train(was_training)
     layer_macs = {name: float(by_module.get(name, 0.0)) for name in bits}
@@ -87,3 +91,17 @@ def model_cost(model: nn.Module, example_input: torch.Tensor, bits: Mapping[str,
         size_mb=nbytes / 1e6,
         layer_macs=layer_macs,
     )
+
+
+class _Positional(nn.Module):
+    """``model`` with positional tensor inputs (the keys of a dict input, in order) and a logits
+    tensor output; its layers keep their names under ``model.``."""
+
+    def __init__(self, model: nn.Module, keys: list[str] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        inputs = dict(zip(self.keys, args, strict=True)) if self.keys else args[0]
+        return _batches.logits_of(_batches.call(self.model, inputs))

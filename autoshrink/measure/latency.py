@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from autoshrink import _batches
+
 __all__ = ["Latency", "LatencyMeter", "MachineLock", "measure_latency", "program_bytes"]
 
 
@@ -119,19 +121,19 @@ def measure_latency(
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    x = example_input[:1].contiguous()
+    x = _batches.first(example_input, 1)
     with _threads(threads), torch.inference_mode():
         # compilation is heavy work: done under the shared lock, like training, so it never
         # disturbs another trial's timing; the timing itself then takes the lock exclusively
         with lock.training() if lock is not None else contextlib.nullcontext():
-            fn(x)
+            _batches.call(fn, x)
         with lock.measuring() if lock is not None else contextlib.nullcontext():
             for _ in range(warmup):
-                fn(x)
+                _batches.call(fn, x)
             times = []
             for _ in range(runs):
                 start = time.perf_counter()
-                fn(x)
+                _batches.call(fn, x)
                 times.append((time.perf_counter() - start) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Latency(statistics.median(times), q[0], q[2], runs, threads)
@@ -146,7 +148,8 @@ def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor) -> byte
         True
     """
     buf = io.BytesIO()
-    ep = torch.export.export(lowered, (example_input[:1].contiguous(),), strict=False)
+    args, kwargs, _ = _batches.export_args(_batches.first(example_input, 1), None)
+    ep = torch.export.export(lowered, args, kwargs, strict=False)
     torch.export.save(ep, buf)
     return buf.getvalue()
 

@@ -118,7 +118,8 @@ def search(
 
     Args:
         task: teacher, data and metric (e.g. ``autoshrink.tasks.get("digits")``).
-        space: a :class:`SearchSpace`, a YAML path, or None for the bundled default.
+        space: a :class:`SearchSpace`, a YAML path, ``"auto"`` (derived from the model's graph), or
+            None: the bundled ``default.yaml`` for ``resnet18_32``, ``"auto"`` for every other model.
         budget: hardware limits (default: no limits).
         trials: candidates to fine-tune in the study (a resumed study counts its finished
             trials). A candidate that misses the budget is measured (seconds), recorded and not
@@ -169,16 +170,14 @@ def search(
     """
     _env.configure()
 
-    from autoshrink.compress.quantize import quantizable_layers
+    from autoshrink.plan import check_space
     from autoshrink.result import load
 
     budget = budget or Budget()
     validate_counts(trials, workers, minutes)
-    if space is None:
-        space = SearchSpace.default()
-    elif not isinstance(space, SearchSpace):
-        space = SearchSpace.from_yaml(space)
-    space = space.bind(quantizable_layers(task.model))
+    # None: the bundled default for the model it was written for, else a space derived from the
+    # model's graph; "auto"; or a YAML path. Bound and checked here, before anything is compressed.
+    space = check_space(task.model, task.example_input, space)
     out_dir = check_run_folder(out, resume=resume, storage=storage, study_name=study_name,
                                space=space, budget=budget)
     workers = workers or default_workers()

@@ -85,6 +85,7 @@ class Driver:
         self.timed_out = False  # the `minutes` limit stopped new trials
         self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the run
         self._ray_started = False
+        self._code_shipped = False
         self._stop = False
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -140,7 +141,16 @@ class Driver:
     # -- ray ----------------------------------------------------------------------------------------
     def start_ray(self) -> None:
         """Join the configured cluster, or start a local Ray (shut down by :meth:`close`)."""
-        started = start_ray(self.config.ray_address, self.config.workers * self.config.settings.threads)
+        import ray
+
+        from autoshrink._usercode import runtime_env
+
+        if ray.is_initialized():  # a Ray the caller started: no runtime_env of ours
+            return
+        env = runtime_env(self.task)  # the user's own modules, importable on every worker
+        self._code_shipped = env is not None
+        started = start_ray(self.config.ray_address, self.config.workers * self.config.settings.threads,
+                            runtime_env=env)
         self._ray_started = self._ray_started or started
 
     def latency_meter(self):
@@ -179,7 +189,8 @@ class Driver:
         if self.committed() >= total:
             return
         self.start_ray()
-        ship_user_code_by_value(self.task)
+        if not self._code_shipped:
+            ship_user_code_by_value(self.task)
         task_ref = ray.put(self.task)
         logits = teacher_logits(self.task.model, self.task.train_data)
         logits_ref = ray.put(logits)

@@ -26,19 +26,22 @@ __all__ = [
 CLUSTER_MODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def start_ray(address: str | None, num_cpus: int) -> bool:
+def start_ray(address: str | None, num_cpus: int, runtime_env: dict | None = None) -> bool:
     """Join the Ray cluster at ``address``, or start a new local instance with ``num_cpus``.
 
     Returns:
         True if this call started a local Ray (then the caller shuts it down), False if Ray was
         already up or a cluster was joined.
+
+    ``runtime_env`` (see :func:`autoshrink._usercode.runtime_env`) ships the user's own model code
+    to every worker, so that multi-file code imports there as it does here.
     """
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env)
         return False
     with loopback_only():
         ray.init(
@@ -51,6 +54,7 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
             log_to_driver=False,
             logging_level="ERROR",
             configure_logging=False,
+            runtime_env=runtime_env,
         )
     return True
 

@@ -5,7 +5,8 @@ Modules:
     ``knobs``   one knob (:class:`Knob`) and how it is suggested, snapped and enumerated;
     ``core``    :class:`SearchSpace`: load, bind to a model, and the one knob walker
                 (:meth:`SearchSpace.knobs`) that sampling, grids, baselines and parameter names use.
-    (``auto``, a space derived from a model's own graph, is to come here.)
+    ``auto``    a space derived from a model's own graph (:meth:`SearchSpace.auto`; imported
+                only when asked, as it needs torch-pruning).
 
 Example:
     >>> from autoshrink.space import SearchSpace

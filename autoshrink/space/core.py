@@ -104,6 +104,14 @@ class SearchSpace:
     def default(cls) -> SearchSpace:
         return cls.from_yaml(default_space_path())
 
+    @classmethod
+    def auto(cls, model: Any, example_input: Any, **kwargs: Any) -> SearchSpace:
+        """A space derived from ``model``'s own graph (:func:`autoshrink.space.auto.auto_space`):
+        its prunable groups and quantizable layers in a few stages, stem and head protected."""
+        from autoshrink.space.auto import auto_space  # torch and torch-pruning: only when asked
+
+        return auto_space(model, example_input, **kwargs)
+
     # -- inspection -----------------------------------------------------------------------------
     @property
     def name(self) -> str:
@@ -149,6 +157,12 @@ class SearchSpace:
         space = SearchSpace(self._spec, self.source)
         space._bound = bound
         return space
+
+    def bound_layers(self, label: str) -> list[str]:
+        """The model layers rule ``label`` took when the space was bound (:meth:`bind`)."""
+        if self._bound is None:
+            raise SpaceError(f"{self.source}: the space is not bound to a model yet (SearchSpace.bind)")
+        return list(self._bound[label])
 
     # -- the knob walker --------------------------------------------------------------------------
     def _keys(self, rule: LayerRule) -> list[str]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from autoshrink.task import Task
 
-__all__ = ["get", "list_tasks"]
+__all__ = ["blueprint", "get", "list_tasks"]
 
 # name -> (zoo model of the teacher, one-line description)
 _DIGITS = {
@@ -46,6 +46,36 @@ def get(name: str = "digits", **kwargs) -> Task:
     """
     builder = _builder(name)
     return builder(**kwargs)
+
+
+def blueprint(name: str = "digits"):
+    """An untrained teacher of the built-in task's architecture and an example input.
+
+    Enough to plan a search (``autoshrink plan``, ``autoshrink space``): the layers, groups, MACs
+    and latency depend on the architecture, not on the weights, so nothing is trained or read.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+
+    Example:
+        >>> model, x = blueprint("digits-resnet20")
+        >>> model.default_cfg["architecture"], tuple(x.shape)
+        ('resnet20', (1, 1, 32, 32))
+    """
+    import torch
+
+    from autoshrink import models
+
+    if name == "cifar10":
+        from autoshrink.tasks.custom import CIFAR10_TEACHER
+
+        arch, chans = CIFAR10_TEACHER, 3
+    else:
+        _builder(name)  # the unknown-name error
+        arch, chans = _DIGITS[name], 1
+    torch.manual_seed(0)
+    model = models.create(arch, num_classes=10, in_chans=chans).eval()
+    return model, torch.zeros(1, chans, 32, 32)
 
 
 def _builder(name: str) -> Callable[..., Task]:

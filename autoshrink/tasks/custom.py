@@ -1,6 +1,8 @@
 """Tasks from your own model and data (the command line's ``--model/--checkpoint/--data``).
 
-``--model pkg.module:factory`` imports exactly ``pkg.module`` (looked up on ``sys.path``, then in
+``--model hf:DIR`` loads a Hugging Face ``save_pretrained`` folder (the class its
+``config.json`` names, local files only: nothing is downloaded); ``--model pkg.module:factory``
+imports exactly ``pkg.module`` (looked up on ``sys.path``, then in
 the current folder) and calls ``factory()`` (with ``num_classes=`` when ``--num-classes`` is
 given); ``--checkpoint FILE`` is loaded into it with ``torch.load(weights_only=True)``, so a
 checkpoint can hold tensors only and never runs code. ``--data`` is read by
@@ -33,6 +35,7 @@ __all__ = [
     "custom_task",
     "load_checkpoint",
     "load_factory",
+    "load_hf",
     "model_input_spec",
     "task_from_cli",
 ]
@@ -53,7 +56,7 @@ def task_from_cli(
     """Build the task the command line describes.
 
     Args:
-        model: ``pkg.module:factory`` or None.
+        model: ``pkg.module:factory``, ``hf:DIR`` (a ``save_pretrained`` folder) or None.
         checkpoint: a state_dict file for ``model`` (``torch.save(model.state_dict(), path)``).
         data: ``imagefolder:DIR`` or ``cifar10:DIR``.
         task: ``cifar10`` (a teacher trained here when no ``model`` is given) or a name for
@@ -105,8 +108,8 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     """Import ``pkg.module`` and return its ``factory`` attribute, for ``spec = "pkg.module:factory"``.
 
     The module is imported by name with :func:`importlib.import_module` (no ``eval``); if it is
-    not importable from ``sys.path``, the current folder is tried too. (The search sends the
-    classes of a model from outside the installed packages to Ray workers by value.)
+    not importable from ``sys.path``, the current folder is tried too. (The search ships the
+    modules of a model from outside the installed packages to its Ray workers.)
 
     Raises:
         TaskError: malformed spec, module not importable, no such attribute, not callable.
@@ -171,6 +174,8 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         >>> build_model("autoshrink.models.resnet:resnet20", num_classes=3).fc.out_features
         3
     """
+    if spec.startswith("hf:"):
+        return load_hf(spec.removeprefix("hf:"), num_classes)
     factory = load_factory(spec)
     kwargs = {}
     if num_classes is not None:
@@ -183,6 +188,55 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         raise TaskError(f"--model {spec!r}: calling it failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise TaskError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def load_hf(folder: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
+    """A Hugging Face model from a local ``save_pretrained`` folder (``--model hf:DIR``).
+
+    The class named in its ``config.json`` (``architectures``) is used, else
+    ``AutoModelForImageClassification`` then ``AutoModelForSequenceClassification``; only local
+    files are read and no remote code runs.
+
+    Raises:
+        TaskError: no such folder, no ``config.json``, transformers not installed, a model that
+            cannot be loaded, or ``num_classes`` other than the saved model's labels.
+
+    Example:
+        >>> model = load_hf("my-vit")   # doctest: +SKIP
+    """
+    what = f"--model hf:{folder}"
+    path = Path(folder)
+    if not path.is_dir():
+        raise TaskError(f"{what}: no such folder (a folder written by model.save_pretrained(DIR))")
+    if not (path / "config.json").is_file():
+        raise TaskError(f"{what}: no config.json in the folder; write it with model.save_pretrained(DIR)")
+    try:
+        import transformers
+    except ImportError:
+        raise TaskError(f"{what} needs the transformers package: pip install transformers") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+        classes = [c for c in named if c is not None] or [
+            transformers.AutoModelForImageClassification, transformers.AutoModelForSequenceClassification]
+        errors = []
+        for cls in classes:
+            try:
+                model = cls.from_pretrained(path, local_files_only=True)
+                break
+            except (ValueError, KeyError, OSError) as exc:  # a class that does not fit this config
+                errors.append(f"{cls.__name__}: {exc}")
+        else:
+            raise TaskError(f"{what}: cannot load it: {'; '.join(errors)[:300]}")
+    except TaskError:
+        raise
+    except Exception as exc:  # transformers raises many types for a damaged folder
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise TaskError(f"{what}: cannot load it ({type(exc).__name__}: {first[:200]})") from exc
+    labels = getattr(model.config, "num_labels", None)
+    if num_classes is not None and labels is not None and num_classes != labels:
+        raise TaskError(f"--num-classes {num_classes}: the model in {folder} has {labels} labels")
     return model.eval()
 
 
@@ -300,6 +354,9 @@ def model_input_spec(model: nn.Module) -> tuple[int, tuple[int, int]]:
         size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
         if isinstance(size, tuple | list) and len(size) == 3:
             return int(size[0]), (int(size[1]), int(size[2]))
+    config = getattr(model, "config", None)  # a Hugging Face vision model
+    if isinstance(getattr(config, "num_channels", None), int) and isinstance(getattr(config, "image_size", None), int):
+        return config.num_channels, (config.image_size, config.image_size)
     chans = getattr(model, "in_chans", None)
     if not isinstance(chans, int):
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
