@@ -31,6 +31,7 @@ from autoshrink.candidate import Candidate
 __all__ = [
     "QUANTIZABLE",
     "compile_cpu",
+    "explicit_conv_padding_",
     "export_model",
     "layer_bits",
     "lower",
@@ -125,7 +126,49 @@ def export_model(model: nn.Module, example_input: torch.Tensor) -> torch.fx.Grap
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
     gm = ep.module()
     _split_reused_activations(gm)
+    explicit_conv_padding_(gm)
     return gm
+
+
+def explicit_conv_padding_(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``padding="same"``/``"valid"`` convolutions (``aten.conv2d.padding``) to explicit
+    padding (``aten.conv2d.default``), in place, so that the x86 quantizer can match them (it
+    knows only the latter, and raises "conv2d is not an aten conv2d operator" on the former).
+
+    Exact: "same" pads ``dilation * (kernel - 1)`` in total per side pair, half before; when that
+    is odd (an even kernel) the extra row/column goes after, as PyTorch does, through an
+    explicit ``constant_pad_nd`` before the conv. Returns the number of convs rewritten.
+    """
+    aten = torch.ops.aten
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.conv2d.padding:
+            continue
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, [1, 1], "valid", [1, 1], 1)
+        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        x, weight, bias, stride, padding, dilation, groups = (given.get(n, d) for n, d in zip(names, defaults,
+                                                                                              strict=True))
+        w = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+        if w is None or w.dim() != 4:
+            continue
+        dilation = list(dilation) * (2 // len(dilation))
+        total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(dilation, w.shape[2:], strict=True)]
+        before = [t // 2 for t in total]
+        if any(t % 2 for t in total):
+            # constant_pad_nd takes (left, right, top, bottom): last dimension first
+            pads = [before[1], total[1] - before[1], before[0], total[0] - before[0]]
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_function(aten.constant_pad_nd.default, (x, pads, 0.0))
+            x.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            before = [0, 0]
+        node.target = aten.conv2d.default
+        node.args = (x, weight, bias, list(stride), before, dilation, groups)
+        node.kwargs = {}
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 # one graph node per call, no parameters: safe to name each call apart
