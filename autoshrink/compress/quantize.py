@@ -30,6 +30,7 @@ from autoshrink.candidate import Candidate
 
 __all__ = [
     "QUANTIZABLE",
+    "QATModel",
     "compile_cpu",
     "explicit_conv_padding_",
     "export_model",
@@ -531,6 +532,34 @@ def prepare_ptq(
     return prepared
 
 
+class QATModel(nn.Module):
+    """A fake-quant (QAT) model that trains like any module: ``.train()`` and ``.eval()`` work.
+
+    PT2E prepares an exported ``GraphModule``, whose own ``train()``/``eval()`` raise (an export
+    fixes BatchNorm/dropout behaviour in its graph); here they switch the graph with torchao's
+    ``move_exported_model_to_train``/``_eval``, and enable/freeze the fake-quant observers
+    (frozen in eval, so evaluating never moves the quantization ranges).
+
+    Attributes:
+        graph_module: the prepared graph (what :func:`lower` converts to int8).
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.training = True
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> QATModel:
+        if not isinstance(mode, bool):
+            raise TypeError(f"train(mode) expects a bool, got {type(mode).__name__}")
+        (set_train if mode else set_eval)(self.graph_module)
+        self.training = mode
+        return self
+
+
 def set_train(model: nn.Module) -> nn.Module:
     """Train mode for a plain or an exported/prepared model (BatchNorm and fake-quant observers)."""
     if isinstance(model, torch.fx.GraphModule):
@@ -563,6 +592,8 @@ def lower(prepared: nn.Module) -> nn.Module:
 
     A model with no quantized layer is returned as is (in eval mode). The input is not changed.
     """
+    if isinstance(prepared, QATModel):
+        prepared = prepared.graph_module
     if not isinstance(prepared, torch.fx.GraphModule):
         return set_eval(prepared)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e

@@ -1,0 +1,153 @@
+"""The architecture patterns of public model code that broke compression (issue 11): each is
+reproduced against torch-pruning / torchao alone, then shown to compress here with what cannot
+be compressed named, layer by layer, with the reason."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autoshrink import Candidate
+from autoshrink.compress import QATModel, apply, compress
+from autoshrink.compress.prune import prune_
+from autoshrink.compress.quantize import export_model, lower, prepare_ptq, quantized_weights
+
+from .nets import ZOO, create
+
+X = torch.randn(1, 1, 32, 32)
+
+# what torch-pruning does with each on its own (MetaPruner, 50 %): the reason this layer exists
+STOCK_FAILURE = {
+    "dual_path": (IndexError, "out of bounds"),
+    "multiplier": (IndexError, "out of bounds"),
+    "shufflenet_v2": (ZeroDivisionError, ""),
+}
+# the reason a group of each is left unpruned here
+EXPECTED_REASON = {
+    "dual_path": "cannot map this group's channels",
+    "multiplier": "cannot map this group's channels",
+    "shufflenet_v1": "channel shuffle",
+    "shufflenet_v2": "crosses a reshape",
+    "mobilevit_like": "no longer runs with this group pruned",
+    "swin_like": "no longer runs with this group pruned",
+}
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(STOCK_FAILURE))
+def test_torch_pruning_alone_fails(name):
+    import torch_pruning as tp
+
+    model = create(name)
+    exc, match = STOCK_FAILURE[name]
+    with warnings.catch_warnings(), pytest.raises(exc, match=match):
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, X, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=0.5, ignored_layers=[model.fc], round_to=8)
+        pruner.step()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_prunes_what_it_can_and_names_the_rest(name):
+    model = create(name)
+    with torch.no_grad():
+        teacher_out = model(X)
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    assert report.params_after <= 0.8 * report.params_before, report.unpruned_groups
+    with torch.no_grad():
+        assert model(X).shape == teacher_out.shape
+    for layers, why in report.unpruned_groups:
+        assert layers and why.startswith("left unpruned: ")
+        assert all(report.skipped[n] for n in layers)
+    if name in EXPECTED_REASON:
+        assert any(EXPECTED_REASON[name] in why for _, why in report.unpruned_groups), report.unpruned_groups
+    as_dict = report.as_dict()
+    assert as_dict["unpruned_groups"] == [{"layers": list(g), "reason": w} for g, w in report.unpruned_groups]
+
+
+def test_channel_shuffle_groups_are_never_pruned():
+    """torch-pruning maps channels straight through a shuffle's view/transpose, so a group
+    crossing one would remove the wrong input channels downstream: it is vetoed."""
+    model = create("shufflenet_v1")
+    before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    shuffled = [g for g, why in report.unpruned_groups if "channel shuffle" in why]
+    assert {"unit1.gconv1.0", "unit2.gconv1.0"} <= {n for g in shuffled for n in g}
+    for n in ("unit1.gconv1.0", "unit2.gconv1.0"):
+        assert model.get_submodule(n).out_channels == before[n]
+
+
+def test_graph_guard_stops_graph_construction():
+    model = create("dual_path")
+    report = prune_(model, Candidate.uniform(prune=0.5), X, graph_timeout_s=1e-9)
+    assert report.params_after == report.params_before
+    assert report.unpruned_groups
+    assert all("graph_timeout_s=1e-09" in why for _, why in report.unpruned_groups)
+    assert set(report.skipped) >= {"stem.0", "block1.conv1.0"}
+    with torch.no_grad():
+        model(X)  # untouched and still runs
+
+
+def test_qkv_attention_keeps_equal_head_divisible_widths():
+    model = create("qkv_vit")
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    for layer in model.layers:
+        att = layer.attention
+        widths = {att.query.out_features, att.key.out_features, att.value.out_features}
+        assert len(widths) == 1
+        (width,) = widths
+        assert width < 32 and width % att.num_attention_heads == 0
+        assert att.num_attention_heads == 4  # heads kept, per-head dims pruned
+        assert att.attention_head_size == width // 4 and att.all_head_size == width
+        assert layer.output.in_features == width
+    assert "layers.0.attention.query" not in report.skipped
+    with torch.no_grad():
+        assert model(X).shape == (1, 10)
+
+
+def test_same_padding_convs_are_exported_quantizable():
+    model = create("same_pad")
+    gm = export_model(model, X)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.conv2d.padding not in targets
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    comp = compress(model, Candidate.uniform(bits=8), X)
+    prepared = prepare_ptq(comp.pruned, Candidate(bits=comp.bits, default_bits=32), X, [X])
+    assert quantized_weights(prepared) == {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 8}
+
+
+def test_even_kernel_same_padding_is_exact():
+    model = nn.Sequential(nn.Conv2d(1, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, (2, 3), padding="same",
+                                                                                  dilation=(1, 2))).eval()
+    x = torch.randn(1, 1, 9, 9)
+    gm = export_model(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    prepared = prepare_ptq(model, Candidate.uniform(bits=8), x, [x])
+    assert quantized_weights(prepared) == {"0": 8, "2": 8}
+
+
+def test_apply_returns_a_model_that_trains():
+    model = create("same_pad")
+    small = apply(model, Candidate.uniform(bits=8, prune=0.25), X)
+    assert isinstance(small, QATModel) and small.training
+    batch = torch.randn(4, 1, 32, 32)
+    opt = torch.optim.SGD(small.parameters(), lr=0.05)
+    small.train()
+    loss = small(batch).logsumexp(1).mean()
+    loss.backward()
+    opt.step()
+    assert small.eval() is small and not small.training
+    with torch.no_grad():
+        out = small(batch)
+    assert out.shape == (4, 10)
+    torch.testing.assert_close(lower(small)(batch), out, atol=0.5, rtol=0.1)
+    with pytest.raises(TypeError, match="expects a bool"):
+        small.train("yes")
