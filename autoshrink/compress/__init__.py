@@ -56,6 +56,13 @@ class Compressed:
         self.verify(prepared)
         return prepared
 
+    def keep_fp32(self, layers: Iterable[str], why: str) -> None:
+        """Leave ``layers`` fp32 from now on (their int8 kernel did not compile, say), recording why."""
+        for name in layers:
+            if self.bits.get(name, 32) < 32:
+                self.bits[name] = 32
+                self.fp32_layers[name] = why
+
     def verify(self, prepared: nn.Module) -> bool:
         """Correct :attr:`bits` to what ``prepared`` (from :func:`prepare_qat` or ``prepare_ptq``
         at :attr:`bits`) really quantizes. Returns True if anything changed."""

@@ -151,3 +151,77 @@ def test_apply_returns_a_model_that_trains():
     torch.testing.assert_close(lower(small)(batch), out, atol=0.5, rtol=0.1)
     with pytest.raises(TypeError, match="expects a bool"):
         small.train("yes")
+
+
+# -- the sweep of issue 11, one per zoo model ----------------------------------------------------
+CANDIDATES = [
+    Candidate.uniform(bits=8, steps=4, batch_size=32),
+    Candidate.uniform(bits=32, prune=0.5, steps=4, batch_size=32),
+    Candidate.uniform(bits=8, prune=0.25, steps=4, batch_size=32),
+]
+# ShuffleNet v1 at 25 %: its two shuffle groups and its stem (torch-pruning cannot prune the
+# stem's concat with the pooled shortcut) stay whole, so a quarter of the rest removes 13 %
+MIN_PARAM_DROP = {("shufflenet_v1", 0.25): 0.10}
+
+
+@pytest.fixture(scope="module")
+def digits_subset():
+    from torch.utils.data import TensorDataset
+
+    from autoshrink.tasks.digits import digits_data
+
+    data = digits_data()
+    xt, yt = data.train.tensors
+    xv, yv = data.val.tensors
+    return TensorDataset(xt[:512], yt[:512]), TensorDataset(xv[:128], yv[:128])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_sweep(name, digits_subset, tmp_path, monkeypatch):
+    """uniform int8; fp32 pruned 0.5; int8 pruned 0.25: every row COMPLETE, pruned rows >= 20 %
+    fewer params, int8 rows with at least half of their Conv/Linear layers at int8."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import optuna
+
+    import autoshrink as ash
+    from autoshrink.tasks.digits import train_teacher
+
+    # Ray workers import the zoo by name, as the test does (pytest puts tests/ on the path)
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    train, val = digits_subset
+    model = create(name)
+    train_teacher(model, SimpleNamespace(train=train), epochs=1, batch_size=64, lr=0.05, progress=False)
+    task = ash.Task(model=model.eval(), train_data=train, val_data=val, example_input=val.tensors[0][:1], name=name)
+    teacher_params = _params(model)
+
+    df = ash.sweep(task, CANDIDATES, ash.Budget(size_mb=100), workers=1, out=tmp_path / "run", progress=False,
+                   latency_runs=2)
+    assert df["state"].tolist() == ["COMPLETE"] * 3, df["error"].tolist()
+    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    trials = {t.number: t for t in study.get_trials()}
+    result = ash.load(tmp_path / "run")
+    for _, row in df.iterrows():
+        cand = CANDIDATES[row["candidate_index"]]
+        attrs = trials[row["number"]].user_attrs
+        for layer, why in (attrs.get("skipped_layers") or {}).items():
+            assert layer and why
+        if cand.default_prune:
+            drop = MIN_PARAM_DROP.get((name, cand.default_prune), 0.20)
+            assert row["params"] <= (1 - drop) * teacher_params, (row["params"], teacher_params)
+        if cand.default_bits == 8:
+            plan = result.layer_plan(row["number"])
+            assert plan
+            at_int8 = [layer["layer"] for layer in plan if layer["bits"] == 8]
+            assert len(at_int8) >= len(plan) / 2, plan
+        assert 0 <= row["accuracy"] <= 100
+    if name == "qkv_vit":  # q, k and v pruned alike, at widths the heads divide
+        comp = compress(model, CANDIDATES[1], task.example_input)
+        for layer in comp.pruned.layers:
+            att = layer.attention
+            assert att.query.out_features == att.key.out_features == att.value.out_features
+            assert att.query.out_features % att.num_attention_heads == 0
