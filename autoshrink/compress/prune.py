@@ -11,7 +11,15 @@ them, with the ratio of the group's first layer; :class:`PruneReport` says what 
 ``round_to`` rounds the kept channels down to a multiple of it, and never to zero: a ratio that
 would keep fewer than ``round_to`` channels keeps ``round_to``. Layers whose channels come in
 groups are rounded per group: a grouped convolution per group, an attention ``qkv`` projection
-per head dimension (its width is ``3 * num_heads * head_dim`` and only ``head_dim`` shrinks).
+per head dimension (its width is ``3 * num_heads * head_dim`` and only ``head_dim`` shrinks);
+separate ``query``/``key``/``value`` projections (Hugging Face layout) likewise, with the
+block's ``attention_head_size``/``all_head_size`` updated so that its forward still runs.
+
+What torch-pruning cannot handle degrades per dependency group, never to a raw traceback: a
+group it cannot analyse or prune, one whose pruning breaks the forward pass (a width fixed in
+``forward``: MobileViT's patch unfold, Swin's patch merging), one through a channel shuffle, is
+left whole and listed in :attr:`PruneReport.unpruned_groups` with its layers and the reason;
+the other groups are pruned. Graph construction runs under a time and memory guard.
 """
 
 from __future__ import annotations
@@ -30,7 +38,16 @@ import torch.nn as nn
 
 from autoshrink.candidate import Candidate
 
-__all__ = ["LayerChange", "PruneReport", "find_head", "prunable_layers", "prune_"]
+__all__ = [
+    "GRAPH_TIMEOUT_VAR",
+    "GraphGuardExceeded",
+    "LayerChange",
+    "PruneReport",
+    "default_graph_timeout_s",
+    "find_head",
+    "prunable_layers",
+    "prune_",
+]
 
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -192,12 +209,22 @@ class _Guard:
         self.spent_s = 0.0
         self._rss0 = _rss_mb()
 
+    def capped(self, seconds: float | None) -> _Guard:
+        """The next ``with`` block may spend at most ``seconds`` (within the overall limit)."""
+        self._cap = seconds
+        return self
+
     def __enter__(self) -> _Guard:
+        cap, self._cap = getattr(self, "_cap", None), None
         if self.timeout_s is None and self.memory_mb is None:
             return self
         start = time.monotonic()
         self._start = start
-        deadline = start + (self.timeout_s - self.spent_s if self.timeout_s is not None else math.inf)
+        left = self.timeout_s - self.spent_s if self.timeout_s is not None else math.inf
+        allowed = min(left, cap) if cap is not None else left
+        deadline = start + allowed
+        what = (f"exceeded graph_timeout_s={self.timeout_s:g} s" if allowed == left
+                else f"exceeded {allowed:g} s, its share of graph_timeout_s={self.timeout_s:g} s")
         calls = 0
 
         def tracer(_frame, event, _arg):
@@ -205,7 +232,7 @@ class _Guard:
             if event == "call":
                 calls += 1
                 if time.monotonic() > deadline:
-                    raise GraphGuardExceeded(f"exceeded graph_timeout_s={self.timeout_s:g} s")
+                    raise GraphGuardExceeded(what)
                 if self.memory_mb is not None and calls % 2048 == 0 and _rss_mb() - self._rss0 > self.memory_mb:
                     raise GraphGuardExceeded(f"grew memory by more than graph_memory_mb={self.memory_mb:g} MB")
             return None  # no per-line tracing: only calls are checked
@@ -231,6 +258,25 @@ def _rss_mb() -> float:
 
 DEFAULT_GRAPH_TIMEOUT_S = 60.0
 DEFAULT_GRAPH_MEMORY_MB = 4096.0
+GRAPH_TIMEOUT_VAR = "AUTOSHRINK_GRAPH_TIMEOUT_S"  # overrides the default limit, e.g. for a CLI run
+
+
+def default_graph_timeout_s() -> float:
+    """The graph-construction time limit: ``$AUTOSHRINK_GRAPH_TIMEOUT_S`` or 60 s."""
+    raw = os.environ.get(GRAPH_TIMEOUT_VAR)
+    if raw is None:
+        return DEFAULT_GRAPH_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{GRAPH_TIMEOUT_VAR}={raw!r}: must be a number of seconds > 0 (unset it for the "
+                         f"default {DEFAULT_GRAPH_TIMEOUT_S:g} s)")
+    return value
+
+
+_FROM_ENV = object()
 
 
 def prune_(
@@ -239,7 +285,7 @@ def prune_(
     example_input: torch.Tensor,
     *,
     ignored: Sequence[str] = (),
-    graph_timeout_s: float | None = DEFAULT_GRAPH_TIMEOUT_S,
+    graph_timeout_s: float | None = _FROM_ENV,  # type: ignore[assignment]
     graph_memory_mb: float | None = DEFAULT_GRAPH_MEMORY_MB,
 ) -> PruneReport:
     """Prune ``model`` in place following ``candidate``'s per-layer ratios.
@@ -257,7 +303,7 @@ def prune_(
         example_input: a batch the model accepts, used to trace dependencies.
         ignored: extra layer names never to prune (the classifier head is always ignored).
         graph_timeout_s: limit on torch-pruning's graph construction and group analysis
-            (seconds, cumulative; None: no limit).
+            (seconds, cumulative; default :func:`default_graph_timeout_s`; None: no limit).
         graph_memory_mb: limit on the memory that work may add (MB; None: no limit).
 
     Returns:
@@ -293,7 +339,8 @@ def prune_(
             for m, r in ratios.items()
             if r > 0
         }
-        guard = _Guard(graph_timeout_s, graph_memory_mb)
+        timeout_s = default_graph_timeout_s() if graph_timeout_s is _FROM_ENV else graph_timeout_s
+        guard = _Guard(timeout_s, graph_memory_mb)
         coupled = _prune_groups(model, example_input, asked, ignored_modules, candidate.round_to, heads,
                                 names, guard, report)
     for name, m in layers.items():
@@ -316,11 +363,11 @@ def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads,
     the others one at a time, each undone if it fails or breaks the forward pass."""
     import torch_pruning as tp  # heavy; only needed here
 
-    def build(ignore):
+    def build(ignore, share=None):
         kwargs = {}
         if heads:
             kwargs = {"num_heads": heads, "prune_num_heads": False, "prune_head_dims": True}
-        with guard:
+        with guard.capped(share):
             return tp.pruner.MetaPruner(
                 model, example_input,
                 importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -330,7 +377,8 @@ def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads,
 
     reshape_safe = False
     try:
-        pruner = build(ignored_modules)
+        # half the time at most: a hang must leave time for the retry without reshape mapping
+        pruner = build(ignored_modules, guard.timeout_s / 2 if guard.timeout_s is not None else None)
     except (Exception, GraphGuardExceeded) as exc:  # the library's failure, translated below
         first = _reason(exc)
         try:

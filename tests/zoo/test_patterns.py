@@ -94,6 +94,22 @@ def test_graph_guard_stops_graph_construction():
         model(X)  # untouched and still runs
 
 
+def test_graph_timeout_from_the_environment(monkeypatch):
+    from autoshrink.compress.prune import GRAPH_TIMEOUT_VAR
+
+    monkeypatch.setenv(GRAPH_TIMEOUT_VAR, "1e-9")
+    report = prune_(create("multiplier"), Candidate.uniform(prune=0.5), X)
+    assert report.params_after == report.params_before
+    assert all("graph_timeout_s=1e-09" in why for _, why in report.unpruned_groups)
+    monkeypatch.setenv(GRAPH_TIMEOUT_VAR, "soon")
+    with pytest.raises(ValueError, match="AUTOSHRINK_GRAPH_TIMEOUT_S='soon': must be a number of seconds > 0"):
+        prune_(create("multiplier"), Candidate.uniform(prune=0.5), X)
+    # no limit at all, on request
+    report = prune_(create("multiplier"), Candidate.uniform(prune=0.5), X, graph_timeout_s=None,
+                    graph_memory_mb=None)
+    assert report.params_after < report.params_before
+
+
 def test_qkv_attention_keeps_equal_head_divisible_widths():
     model = create("qkv_vit")
     report = prune_(model, Candidate.uniform(prune=0.5), X)
@@ -225,3 +241,68 @@ def test_zoo_sweep(name, digits_subset, tmp_path, monkeypatch):
             att = layer.attention
             assert att.query.out_features == att.key.out_features == att.value.out_features
             assert att.query.out_features % att.num_attention_heads == 0
+
+
+# -- int8 kernels that do not compile ------------------------------------------------------------
+_FUSION_ERROR = ("backend='inductor' raised:\nAssertionError: \n  File \"torchao/quantization/pt2e/inductor_passes/"
+                 "x86.py\", in qlinear_post_op_fusion\n    assert kwargs['postop_name'] == 'none'")
+
+
+def _fail_to_compile(_model):
+    def run(*_args, **_kwargs):
+        raise RuntimeError(_FUSION_ERROR)  # what torch._dynamo's BackendCompilerFailed says
+
+    return run
+
+
+def test_compile_failure_names_the_fused_int8_layers(monkeypatch):
+    from autoshrink.compress import quantize
+
+    model = create("gelu_mlp")
+    lowered = lower(prepare_ptq(model, Candidate.uniform(bits=8), X, [X]))
+    monkeypatch.setattr(quantize, "compile_cpu", _fail_to_compile)
+    with pytest.raises(quantize.Int8CompileError, match="qlinear_post_op_fusion|backend='inductor'") as info:
+        quantize.compile_checked(lowered, X)
+    assert info.value.layers == ["fc1", "fc2"]  # each feeds a GELU; the head feeds nothing
+
+
+def test_fp32_linear_is_not_implicated(monkeypatch):
+    from autoshrink.compress import quantize
+
+    model = create("gelu_mlp")
+    lowered = lower(prepare_ptq(model, Candidate(bits={"fc1": 32}, default_bits=8), X, [X]))
+    monkeypatch.setattr(quantize, "compile_cpu", _fail_to_compile)
+    with pytest.raises(quantize.Int8CompileError) as info:
+        quantize.compile_checked(lowered, X)
+    assert info.value.layers == ["fc2"]
+
+
+@pytest.mark.slow
+def test_trial_leaves_uncompilable_int8_layers_fp32(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from autoshrink import Budget, Task, trial
+    from autoshrink.compress import quantize
+
+    calls = []
+
+    def first_fails(lowered, x):  # the first compile fails as torchao's fusion pass does
+        calls.append(1)
+        real = quantize.compile_cpu
+        if len(calls) == 1:
+            quantize.compile_cpu = _fail_to_compile
+        try:
+            return quantize.compile_checked(lowered, x)
+        finally:
+            quantize.compile_cpu = real
+
+    monkeypatch.setattr(trial, "compile_checked", first_fails)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,)))
+    task = Task(model=create("gelu_mlp"), train_data=data, val_data=data, example_input=X, name="gelu")
+    r = trial.evaluate(task, Candidate.uniform(bits=8, steps=2, batch_size=16), Budget(size_mb=10),
+                       trial.TrialContext(latency_runs=1))
+    assert r.state == trial.State.COMPLETE and len(calls) == 2
+    assert set(r.fp32_layers) == {"fc1", "fc2"}
+    assert all("int8 kernel did not compile" in why for why in r.fp32_layers.values())
+    assert {layer["layer"]: layer["bits"] for layer in r.layers} == {"fc1": 32, "fc2": 32, "head": 8}
