@@ -317,3 +317,22 @@ ZOO: dict[str, tuple[type[nn.Module], str]] = {
 def create(name: str) -> nn.Module:
     torch.manual_seed(0)
     return ZOO[name][0]().eval()
+
+
+class ShuffleNetV2Deep(nn.Module):
+    """torchvision's ShuffleNetV2 depth (stages of 4, 8, 4 blocks) at x0.5 widths."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (24, 48, 96, 192),
+                 repeats: tuple[int, ...] = (4, 8, 4)) -> None:
+        super().__init__()
+        self.stem = _cbr(1, widths[0], 3, 2)
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for w, r in zip(widths[1:], repeats, strict=True):
+            layers += [ShuffleV2Block(cin, w, 2)] + [ShuffleV2Block(w, w, 1) for _ in range(r - 1)]
+            cin = w
+        self.stages = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stages(self.stem(x)).mean([2, 3]))

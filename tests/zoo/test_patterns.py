@@ -83,6 +83,19 @@ def test_channel_shuffle_groups_are_never_pruned():
         assert model.get_submodule(n).out_channels == before[n]
 
 
+def test_deep_shufflenet_v2_is_left_whole_with_the_reason():
+    """At torchvision's depth torch-pruning fails to build the graph even without its reshape
+    mapping (a split's offsets): the model is kept whole, every layer named, nothing raised."""
+    from .nets import ShuffleNetV2Deep
+
+    torch.manual_seed(0)
+    model = ShuffleNetV2Deep().eval()
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    assert report.params_after == report.params_before
+    assert "stem.0" in report.skipped and "stages.15.branch2.0" in report.skipped
+    assert all("dependency graph construction" in why for why in report.skipped.values())
+
+
 def test_graph_guard_stops_graph_construction():
     model = create("dual_path")
     report = prune_(model, Candidate.uniform(prune=0.5), X, graph_timeout_s=1e-9)
