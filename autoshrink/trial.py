@@ -24,7 +24,7 @@ from autoshrink.candidate import Candidate
 from autoshrink.compress import Compressed, compress
 from autoshrink.compress.distill import StopTrial, finetune
 from autoshrink.compress.prune import PRUNABLE
-from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
+from autoshrink.compress.quantize import Int8CompileError, compile_checked, compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
 from autoshrink.record import State  # re-exported: how a trial ended
@@ -144,16 +144,27 @@ def evaluate(
     )
     if not static_violation and ctx.latency_runs > 0:
         calib = list(task.calibration_batches())
-        with hold():
-            ptq = prepare_ptq(comp.pruned, _bits_only(comp.bits), x, calib)
-            if comp.verify(ptq):  # a layer the quantizer could not match stays fp32: re-cost
-                cost = _record_cost(result, comp, x)
+        for attempt in range(2):
+            with hold():
+                ptq = prepare_ptq(comp.pruned, _bits_only(comp.bits), x, calib)
+                if comp.verify(ptq):  # a layer the quantizer could not match stays fp32: re-cost
+                    cost = _record_cost(result, comp, x)
+                if ctx.measure is not None:
+                    break
+                try:
+                    compiled = compile_checked(lower(ptq), x)
+                    break
+                except Int8CompileError as exc:
+                    if attempt or not exc.layers:
+                        raise
+                    # the int8 kernels that do not compile stay fp32, and the rest is retried
+                    comp.keep_fp32(exc.layers, f"int8 kernel did not compile ({exc.reason}); left fp32")
+                    cost = _record_cost(result, comp, x)
         if ctx.measure is not None:
             lat = ctx.measure(lower(ptq), x, ctx.latency_runs, ctx.latency_threads)
         else:
             lat = measure_latency(
-                compile_cpu(lower(ptq)), x, runs=ctx.latency_runs, threads=ctx.latency_threads,
-                lock=ctx.lock,
+                compiled, x, runs=ctx.latency_runs, threads=ctx.latency_threads, lock=ctx.lock,
             )
         result.latency_ms, result.latency_iqr_ms = lat.median_ms, lat.p75_ms - lat.p25_ms
         if on_latency is not None:

@@ -15,13 +15,14 @@ import torch.nn as nn
 from autoshrink.candidate import Candidate
 from autoshrink.compress.prune import PruneReport, prune_
 from autoshrink.compress.quantize import (
+    QATModel,
     layer_bits,
     prepare_qat,
     quantized_weights,
     unsupported_layers,
 )
 
-__all__ = ["Compressed", "apply", "compress"]
+__all__ = ["Compressed", "QATModel", "apply", "compress"]
 
 
 @dataclass
@@ -54,6 +55,13 @@ class Compressed:
         )
         self.verify(prepared)
         return prepared
+
+    def keep_fp32(self, layers: Iterable[str], why: str) -> None:
+        """Leave ``layers`` fp32 from now on (their int8 kernel did not compile, say), recording why."""
+        for name in layers:
+            if self.bits.get(name, 32) < 32:
+                self.bits[name] = 32
+                self.fp32_layers[name] = why
 
     def verify(self, prepared: nn.Module) -> bool:
         """Correct :attr:`bits` to what ``prepared`` (from :func:`prepare_qat` or ``prepare_ptq``
@@ -94,8 +102,10 @@ def compress(model: nn.Module, candidate: Candidate, example_input: torch.Tensor
 def apply(model: nn.Module, candidate: Candidate, example_input: torch.Tensor) -> nn.Module:
     """Apply a found configuration to a model: the pruned, quantization-ready model.
 
-    The same code path the search uses. Fine-tune the result (QAT), then
+    The same code path the search uses. Fine-tune the result like any model (``.train()``,
+    an optimizer, ``.eval()`` to evaluate: fake-quant ranges freeze in eval), then lower it with
     :func:`autoshrink.compress.quantize.lower` and ``compile_cpu`` it for deployment.
+    What cannot be pruned or quantized is left as it was (see :func:`compress` for the report).
 
     Args:
         model: your trained model (not modified).
@@ -103,8 +113,8 @@ def apply(model: nn.Module, candidate: Candidate, example_input: torch.Tensor) -
         example_input: one input batch.
 
     Returns:
-        A trainable module: the pruned model with fake-quant at each layer's bits (an exported
-        GraphModule), or the pruned eager model if every layer stays fp32.
+        A trainable module, in train mode: a :class:`QATModel` (the pruned model with fake-quant
+        at each layer's bits) or, if every layer stays fp32, the pruned eager model.
 
     Example:
         >>> import torch.nn as nn
@@ -112,5 +122,11 @@ def apply(model: nn.Module, candidate: Candidate, example_input: torch.Tensor) -
         >>> small = apply(m, Candidate.uniform(bits=32, prune=0.5), torch.randn(1, 1, 5, 5))
         >>> small[0].out_channels
         4
+        >>> qat = apply(m, Candidate.uniform(bits=8), torch.randn(1, 1, 5, 5))
+        >>> qat.eval().training, qat.train().training
+        (False, True)
     """
-    return compress(model, candidate, example_input).trainable(example_input)
+    trainable = compress(model, candidate, example_input).trainable(example_input)
+    if isinstance(trainable, torch.fx.GraphModule):
+        return QATModel(trainable)
+    return trainable

@@ -13,6 +13,10 @@ restricted to [-8, 7] (so they pack into 4 bits for storage: ``size_mb`` counts 
 computes in int8); 32 bits leaves the layer in fp32. Only weight settings vary per layer;
 activations of quantized layers are uint8 per-tensor everywhere, because mixing activation
 settings adds quantize/dequantize steps that cost more than they save.
+
+Long module (~700 lines): the PT2E plan (export, annotate, prepare, fold, lower, compile) is one
+pipeline whose steps share the graph conventions they rely on, and the torchao patches that keep
+it working on this torchao release sit next to the steps they patch.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ from autoshrink.candidate import Candidate
 
 __all__ = [
     "QUANTIZABLE",
+    "Int8CompileError",
+    "QATModel",
+    "compile_checked",
     "compile_cpu",
+    "explicit_conv_padding_",
     "export_model",
     "layer_bits",
     "lower",
@@ -127,7 +135,49 @@ def export_model(model: nn.Module, example_input: torch.Tensor) -> torch.fx.Grap
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     gm = ep.module()
     _split_reused_activations(gm)
+    explicit_conv_padding_(gm)
     return gm
+
+
+def explicit_conv_padding_(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``padding="same"``/``"valid"`` convolutions (``aten.conv2d.padding``) to explicit
+    padding (``aten.conv2d.default``), in place, so that the x86 quantizer can match them (it
+    knows only the latter, and raises "conv2d is not an aten conv2d operator" on the former).
+
+    Exact: "same" pads ``dilation * (kernel - 1)`` in total per side pair, half before; when that
+    is odd (an even kernel) the extra row/column goes after, as PyTorch does, through an
+    explicit ``constant_pad_nd`` before the conv. Returns the number of convs rewritten.
+    """
+    aten = torch.ops.aten
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.conv2d.padding:
+            continue
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, [1, 1], "valid", [1, 1], 1)
+        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        x, weight, bias, stride, padding, dilation, groups = (given.get(n, d) for n, d in zip(names, defaults,
+                                                                                              strict=True))
+        w = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+        if w is None or w.dim() != 4:
+            continue
+        dilation = list(dilation) * (2 // len(dilation))
+        total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(dilation, w.shape[2:], strict=True)]
+        before = [t // 2 for t in total]
+        if any(t % 2 for t in total):
+            # constant_pad_nd takes (left, right, top, bottom): last dimension first
+            pads = [before[1], total[1] - before[1], before[0], total[0] - before[0]]
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_function(aten.constant_pad_nd.default, (x, pads, 0.0))
+            x.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            before = [0, 0]
+        node.target = aten.conv2d.default
+        node.args = (x, weight, bias, list(stride), before, dilation, groups)
+        node.kwargs = {}
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 # one graph node per call, no parameters: safe to name each call apart
@@ -490,6 +540,34 @@ def prepare_ptq(
     return prepared
 
 
+class QATModel(nn.Module):
+    """A fake-quant (QAT) model that trains like any module: ``.train()`` and ``.eval()`` work.
+
+    PT2E prepares an exported ``GraphModule``, whose own ``train()``/``eval()`` raise (an export
+    fixes BatchNorm/dropout behaviour in its graph); here they switch the graph with torchao's
+    ``move_exported_model_to_train``/``_eval``, and enable/freeze the fake-quant observers
+    (frozen in eval, so evaluating never moves the quantization ranges).
+
+    Attributes:
+        graph_module: the prepared graph (what :func:`lower` converts to int8).
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.training = True
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> QATModel:
+        if not isinstance(mode, bool):
+            raise TypeError(f"train(mode) expects a bool, got {type(mode).__name__}")
+        (set_train if mode else set_eval)(self.graph_module)
+        self.training = mode
+        return self
+
+
 def set_train(model: nn.Module) -> nn.Module:
     """Train mode for a plain or an exported/prepared model (BatchNorm and fake-quant observers)."""
     if isinstance(model, torch.fx.GraphModule):
@@ -522,6 +600,8 @@ def lower(prepared: nn.Module) -> nn.Module:
 
     A model with no quantized layer is returned as is (in eval mode). The input is not changed.
     """
+    if isinstance(prepared, QATModel):
+        prepared = prepared.graph_module
     if not isinstance(prepared, torch.fx.GraphModule):
         return set_eval(prepared)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -562,3 +642,67 @@ def compile_cpu(model: nn.Module):
             inductor_config.freezing = before
 
     return frozen
+
+
+class Int8CompileError(RuntimeError):
+    """Inductor could not compile the int8 kernels of some layers.
+
+    Attributes:
+        layers: the quantized layers implicated (to be left fp32 and retried), possibly empty.
+        reason: the compiler's error, one line.
+    """
+
+    def __init__(self, layers: list[str], reason: str) -> None:
+        super().__init__(f"int8 kernels did not compile ({reason}); implicated layers: {layers or 'none found'}")
+        self.layers, self.reason = layers, reason
+
+
+# Inductor patterns that fuse an int8 linear/conv with the op after it (torchao's x86 passes)
+_POST_OPS = {"gelu", "relu", "hardtanh", "hardswish", "silu", "sigmoid", "tanh", "leaky_relu", "add", "add_"}
+
+
+def compile_checked(lowered: nn.Module, example_input: torch.Tensor):
+    """:func:`compile_cpu` ``lowered`` and run it once, so that a compile failure shows here.
+
+    Inductor compiles on the first call. When its int8 lowering fails (torchao's x86
+    ``qlinear_post_op_fusion`` asserting on some Linear -> GELU graphs, say), the error is
+    translated to :class:`Int8CompileError` naming the int8 layers whose kernel is fused with the
+    op after it (Linear layers for a ``qlinear`` pass, convs for ``qconv``, both otherwise), so
+    the caller can leave them fp32 and retry.
+    """
+    compiled = compile_cpu(lowered)
+    try:
+        with torch.no_grad():
+            compiled(example_input)
+    except Exception as exc:  # noqa: BLE001 - the compiler's error, translated with the layers
+        text = f"{type(exc).__name__}: {exc}"
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise Int8CompileError(_fused_int8_layers(lowered, text), first[:300]) from exc
+    return compiled
+
+
+def _fused_int8_layers(lowered: nn.Module, error: str) -> list[str]:
+    """int8 Conv2d/Linear layers of a lowered graph whose output feeds a post-op Inductor fuses."""
+    if not isinstance(lowered, torch.fx.GraphModule):
+        return []
+    want = {torch.ops.aten.linear.default} if "qlinear" in error else (
+        {torch.ops.aten.conv2d.default} if "qconv" in error else
+        {torch.ops.aten.linear.default, torch.ops.aten.conv2d.default})
+    layers: list[str] = []
+    for node in lowered.graph.nodes:
+        if node.op != "call_function" or node.target not in want or len(node.args) < 2:
+            continue
+        weight = node.args[1]
+        if not (isinstance(weight, torch.fx.Node) and "dequantize" in str(weight.target)):
+            continue  # an fp32 layer: nothing int8 to compile
+        if not any(_op_name(u) in _POST_OPS for u in node.users):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            layers.append(list(stack.values())[-1][0])
+    return list(dict.fromkeys(layers))
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = getattr(node.target, "__name__", str(node.target))
+    return target.split(".")[0]

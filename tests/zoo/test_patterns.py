@@ -1,0 +1,321 @@
+"""The architecture patterns of public model code that broke compression (issue 11): each is
+reproduced against torch-pruning / torchao alone, then shown to compress here with what cannot
+be compressed named, layer by layer, with the reason."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autoshrink import Candidate
+from autoshrink.compress import QATModel, apply, compress
+from autoshrink.compress.prune import prune_
+from autoshrink.compress.quantize import export_model, lower, prepare_ptq, quantized_weights
+
+from .nets import ZOO, create
+
+X = torch.randn(1, 1, 32, 32)
+
+# what torch-pruning does with each on its own (MetaPruner, 50 %): the reason this layer exists
+STOCK_FAILURE = {
+    "dual_path": (IndexError, "out of bounds"),
+    "multiplier": (IndexError, "out of bounds"),
+    "shufflenet_v2": (ZeroDivisionError, ""),
+}
+# the reason a group of each is left unpruned here
+EXPECTED_REASON = {
+    "dual_path": "cannot map this group's channels",
+    "multiplier": "cannot map this group's channels",
+    "shufflenet_v1": "channel shuffle",
+    "shufflenet_v2": "crosses a reshape",
+    "mobilevit_like": "no longer runs with this group pruned",
+    "swin_like": "no longer runs with this group pruned",
+}
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(STOCK_FAILURE))
+def test_torch_pruning_alone_fails(name):
+    import torch_pruning as tp
+
+    model = create(name)
+    exc, match = STOCK_FAILURE[name]
+    with warnings.catch_warnings(), pytest.raises(exc, match=match):
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, X, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=0.5, ignored_layers=[model.fc], round_to=8)
+        pruner.step()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_prunes_what_it_can_and_names_the_rest(name):
+    model = create(name)
+    with torch.no_grad():
+        teacher_out = model(X)
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    assert report.params_after <= 0.8 * report.params_before, report.unpruned_groups
+    with torch.no_grad():
+        assert model(X).shape == teacher_out.shape
+    for layers, why in report.unpruned_groups:
+        assert layers and why.startswith("left unpruned: ")
+        assert all(report.skipped[n] for n in layers)
+    if name in EXPECTED_REASON:
+        assert any(EXPECTED_REASON[name] in why for _, why in report.unpruned_groups), report.unpruned_groups
+    as_dict = report.as_dict()
+    assert as_dict["unpruned_groups"] == [{"layers": list(g), "reason": w} for g, w in report.unpruned_groups]
+
+
+def test_channel_shuffle_groups_are_never_pruned():
+    """torch-pruning maps channels straight through a shuffle's view/transpose, so a group
+    crossing one would remove the wrong input channels downstream: it is vetoed."""
+    model = create("shufflenet_v1")
+    before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    shuffled = [g for g, why in report.unpruned_groups if "channel shuffle" in why]
+    assert {"unit1.gconv1.0", "unit2.gconv1.0"} <= {n for g in shuffled for n in g}
+    for n in ("unit1.gconv1.0", "unit2.gconv1.0"):
+        assert model.get_submodule(n).out_channels == before[n]
+
+
+def test_deep_shufflenet_v2_is_left_whole_with_the_reason():
+    """At torchvision's depth torch-pruning fails to build the graph even without its reshape
+    mapping (a split's offsets): the model is kept whole, every layer named, nothing raised."""
+    from .nets import ShuffleNetV2Deep
+
+    torch.manual_seed(0)
+    model = ShuffleNetV2Deep().eval()
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    assert report.params_after == report.params_before
+    assert "stem.0" in report.skipped and "stages.15.branch2.0" in report.skipped
+    assert all("dependency graph construction" in why for why in report.skipped.values())
+
+
+def test_graph_guard_stops_graph_construction():
+    model = create("dual_path")
+    report = prune_(model, Candidate.uniform(prune=0.5), X, graph_timeout_s=1e-9)
+    assert report.params_after == report.params_before
+    assert report.unpruned_groups
+    assert all("graph_timeout_s=1e-09" in why for _, why in report.unpruned_groups)
+    assert set(report.skipped) >= {"stem.0", "block1.conv1.0"}
+    with torch.no_grad():
+        model(X)  # untouched and still runs
+
+
+def test_graph_timeout_from_the_environment(monkeypatch):
+    from autoshrink.compress.prune import GRAPH_TIMEOUT_VAR
+
+    monkeypatch.setenv(GRAPH_TIMEOUT_VAR, "1e-9")
+    report = prune_(create("multiplier"), Candidate.uniform(prune=0.5), X)
+    assert report.params_after == report.params_before
+    assert all("graph_timeout_s=1e-09" in why for _, why in report.unpruned_groups)
+    monkeypatch.setenv(GRAPH_TIMEOUT_VAR, "soon")
+    with pytest.raises(ValueError, match="AUTOSHRINK_GRAPH_TIMEOUT_S='soon': must be a number of seconds > 0"):
+        prune_(create("multiplier"), Candidate.uniform(prune=0.5), X)
+    # no limit at all, on request
+    report = prune_(create("multiplier"), Candidate.uniform(prune=0.5), X, graph_timeout_s=None,
+                    graph_memory_mb=None)
+    assert report.params_after < report.params_before
+
+
+def test_qkv_attention_keeps_equal_head_divisible_widths():
+    model = create("qkv_vit")
+    report = prune_(model, Candidate.uniform(prune=0.5), X)
+    for layer in model.layers:
+        att = layer.attention
+        widths = {att.query.out_features, att.key.out_features, att.value.out_features}
+        assert len(widths) == 1
+        (width,) = widths
+        assert width < 32 and width % att.num_attention_heads == 0
+        assert att.num_attention_heads == 4  # heads kept, per-head dims pruned
+        assert att.attention_head_size == width // 4 and att.all_head_size == width
+        assert layer.output.in_features == width
+    assert "layers.0.attention.query" not in report.skipped
+    with torch.no_grad():
+        assert model(X).shape == (1, 10)
+
+
+def test_same_padding_convs_are_exported_quantizable():
+    model = create("same_pad")
+    gm = export_model(model, X)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.conv2d.padding not in targets
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    comp = compress(model, Candidate.uniform(bits=8), X)
+    prepared = prepare_ptq(comp.pruned, Candidate(bits=comp.bits, default_bits=32), X, [X])
+    assert quantized_weights(prepared) == {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 8}
+
+
+def test_even_kernel_same_padding_is_exact():
+    model = nn.Sequential(nn.Conv2d(1, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, (2, 3), padding="same",
+                                                                                  dilation=(1, 2))).eval()
+    x = torch.randn(1, 1, 9, 9)
+    gm = export_model(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    prepared = prepare_ptq(model, Candidate.uniform(bits=8), x, [x])
+    assert quantized_weights(prepared) == {"0": 8, "2": 8}
+
+
+def test_apply_returns_a_model_that_trains():
+    model = create("same_pad")
+    small = apply(model, Candidate.uniform(bits=8, prune=0.25), X)
+    assert isinstance(small, QATModel) and small.training
+    batch = torch.randn(4, 1, 32, 32)
+    opt = torch.optim.SGD(small.parameters(), lr=0.05)
+    small.train()
+    loss = small(batch).logsumexp(1).mean()
+    loss.backward()
+    opt.step()
+    assert small.eval() is small and not small.training
+    with torch.no_grad():
+        out = small(batch)
+    assert out.shape == (4, 10)
+    torch.testing.assert_close(lower(small)(batch), out, atol=0.5, rtol=0.1)
+    with pytest.raises(TypeError, match="expects a bool"):
+        small.train("yes")
+
+
+# -- the sweep of issue 11, one per zoo model ----------------------------------------------------
+CANDIDATES = [
+    Candidate.uniform(bits=8, steps=4, batch_size=32),
+    Candidate.uniform(bits=32, prune=0.5, steps=4, batch_size=32),
+    Candidate.uniform(bits=8, prune=0.25, steps=4, batch_size=32),
+]
+# ShuffleNet v1 at 25 %: its two shuffle groups and its stem (torch-pruning cannot prune the
+# stem's concat with the pooled shortcut) stay whole, so a quarter of the rest removes 13 %
+MIN_PARAM_DROP = {("shufflenet_v1", 0.25): 0.10}
+
+
+@pytest.fixture(scope="module")
+def digits_subset():
+    from torch.utils.data import TensorDataset
+
+    from autoshrink.tasks.digits import digits_data
+
+    data = digits_data()
+    xt, yt = data.train.tensors
+    xv, yv = data.val.tensors
+    return TensorDataset(xt[:512], yt[:512]), TensorDataset(xv[:128], yv[:128])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_sweep(name, digits_subset, tmp_path, monkeypatch):
+    """uniform int8; fp32 pruned 0.5; int8 pruned 0.25: every row COMPLETE, pruned rows >= 20 %
+    fewer params, int8 rows with at least half of their Conv/Linear layers at int8."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import optuna
+
+    import autoshrink as ash
+    from autoshrink.tasks.digits import train_teacher
+
+    # Ray workers import the zoo by name, as the test does (pytest puts tests/ on the path)
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    train, val = digits_subset
+    model = create(name)
+    train_teacher(model, SimpleNamespace(train=train), epochs=1, batch_size=64, lr=0.05, progress=False)
+    task = ash.Task(model=model.eval(), train_data=train, val_data=val, example_input=val.tensors[0][:1], name=name)
+    teacher_params = _params(model)
+
+    df = ash.sweep(task, CANDIDATES, ash.Budget(size_mb=100), workers=1, out=tmp_path / "run", progress=False,
+                   latency_runs=2)
+    assert df["state"].tolist() == ["COMPLETE"] * 3, df["error"].tolist()
+    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    trials = {t.number: t for t in study.get_trials()}
+    result = ash.load(tmp_path / "run")
+    for _, row in df.iterrows():
+        cand = CANDIDATES[row["candidate_index"]]
+        attrs = trials[row["number"]].user_attrs
+        for layer, why in (attrs.get("skipped_layers") or {}).items():
+            assert layer and why
+        if cand.default_prune:
+            drop = MIN_PARAM_DROP.get((name, cand.default_prune), 0.20)
+            assert row["params"] <= (1 - drop) * teacher_params, (row["params"], teacher_params)
+        if cand.default_bits == 8:
+            plan = result.layer_plan(row["number"])
+            assert plan
+            at_int8 = [layer["layer"] for layer in plan if layer["bits"] == 8]
+            assert len(at_int8) >= len(plan) / 2, plan
+        assert 0 <= row["accuracy"] <= 100
+    if name == "qkv_vit":  # q, k and v pruned alike, at widths the heads divide
+        comp = compress(model, CANDIDATES[1], task.example_input)
+        for layer in comp.pruned.layers:
+            att = layer.attention
+            assert att.query.out_features == att.key.out_features == att.value.out_features
+            assert att.query.out_features % att.num_attention_heads == 0
+
+
+# -- int8 kernels that do not compile ------------------------------------------------------------
+_FUSION_ERROR = ("backend='inductor' raised:\nAssertionError: \n  File \"torchao/quantization/pt2e/inductor_passes/"
+                 "x86.py\", in qlinear_post_op_fusion\n    assert kwargs['postop_name'] == 'none'")
+
+
+def _fail_to_compile(_model):
+    def run(*_args, **_kwargs):
+        raise RuntimeError(_FUSION_ERROR)  # what torch._dynamo's BackendCompilerFailed says
+
+    return run
+
+
+def test_compile_failure_names_the_fused_int8_layers(monkeypatch):
+    from autoshrink.compress import quantize
+
+    model = create("gelu_mlp")
+    lowered = lower(prepare_ptq(model, Candidate.uniform(bits=8), X, [X]))
+    monkeypatch.setattr(quantize, "compile_cpu", _fail_to_compile)
+    with pytest.raises(quantize.Int8CompileError, match="qlinear_post_op_fusion|backend='inductor'") as info:
+        quantize.compile_checked(lowered, X)
+    assert info.value.layers == ["fc1", "fc2"]  # each feeds a GELU; the head feeds nothing
+
+
+def test_fp32_linear_is_not_implicated(monkeypatch):
+    from autoshrink.compress import quantize
+
+    model = create("gelu_mlp")
+    lowered = lower(prepare_ptq(model, Candidate(bits={"fc1": 32}, default_bits=8), X, [X]))
+    monkeypatch.setattr(quantize, "compile_cpu", _fail_to_compile)
+    with pytest.raises(quantize.Int8CompileError) as info:
+        quantize.compile_checked(lowered, X)
+    assert info.value.layers == ["fc2"]
+
+
+@pytest.mark.slow
+def test_trial_leaves_uncompilable_int8_layers_fp32(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from autoshrink import Budget, Task, trial
+    from autoshrink.compress import quantize
+
+    calls = []
+
+    def first_fails(lowered, x):  # the first compile fails as torchao's fusion pass does
+        calls.append(1)
+        real = quantize.compile_cpu
+        if len(calls) == 1:
+            quantize.compile_cpu = _fail_to_compile
+        try:
+            return quantize.compile_checked(lowered, x)
+        finally:
+            quantize.compile_cpu = real
+
+    monkeypatch.setattr(trial, "compile_checked", first_fails)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,)))
+    task = Task(model=create("gelu_mlp"), train_data=data, val_data=data, example_input=X, name="gelu")
+    r = trial.evaluate(task, Candidate.uniform(bits=8, steps=2, batch_size=16), Budget(size_mb=10),
+                       trial.TrialContext(latency_runs=1))
+    assert r.state == trial.State.COMPLETE and len(calls) == 2
+    assert set(r.fp32_layers) == {"fc1", "fc2"}
+    assert all("int8 kernel did not compile" in why for why in r.fp32_layers.values())
+    assert {layer["layer"]: layer["bits"] for layer in r.layers} == {"fc1": 32, "fc2": 32, "head": 8}
