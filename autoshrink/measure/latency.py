@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Latency", "LatencyMeter", "MachineLock", "measure_latency", "program_bytes"]
+__all__ = ["Latency", "LatencyMeter", "MachineLock", "fixed_threads", "measure_latency", "program_bytes", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,37 @@ class MachineLock:
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def fixed_threads(n: int) -> Iterator[None]:
+    """Torch intra-op threads set to ``n`` inside the block (restored after)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def time_calls(
+    fn: Callable[[torch.Tensor], object],
+    x: torch.Tensor,
+    runs: int,
+    *,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Wall time in ms of each of ``runs`` calls ``fn(x)`` (no warm-up, no lock: the caller's).
+
+    ``timer`` is a seconds clock (``time.perf_counter``; tests pass a fake one).
+
+    Example:
+        >>> len(time_calls(torch.nn.Linear(8, 8), torch.randn(1, 8), 3))
+        3
+    """
+    times = []
+    for _ in range(runs):
+        start = timer()
+        fn(x)
+        times.append((timer() - start) * 1e3)
+    return times
 
 
 def measure_latency(
@@ -120,7 +144,7 @@ def measure_latency(
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     x = example_input[:1].contiguous()
-    with _threads(threads), torch.inference_mode():
+    with fixed_threads(threads), torch.inference_mode():
         # compilation is heavy work: done under the shared lock, like training, so it never
         # disturbs another trial's timing; the timing itself then takes the lock exclusively
         with lock.training() if lock is not None else contextlib.nullcontext():
@@ -128,11 +152,7 @@ def measure_latency(
         with lock.measuring() if lock is not None else contextlib.nullcontext():
             for _ in range(warmup):
                 fn(x)
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                fn(x)
-                times.append((time.perf_counter() - start) * 1e3)
+            times = time_calls(fn, x, runs)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Latency(statistics.median(times), q[0], q[2], runs, threads)
 
