@@ -332,6 +332,8 @@ def select_best(
     objective: str = "accuracy",
     max_drop: float | None = None,
     reference_accuracy: float | None = None,
+    *,
+    latency: str = "latency_ms",
 ) -> pd.Series | None:
     """The trial to ship: the best feasible COMPLETE row with a measured ``objective``.
 
@@ -346,6 +348,8 @@ def select_best(
         objective: the column maximised (or floored by ``max_drop``).
         max_drop: largest allowed loss of ``objective`` in points versus ``reference_accuracy``.
         reference_accuracy: the uncompressed model's ``objective``; required with ``max_drop``.
+        latency: the latency column that breaks ties and that ``max_drop`` minimises (e.g. the
+            re-measured figure, see :mod:`autoshrink.finalists`).
 
     Returns:
         The chosen row (its index label is the Series name), or ``None`` if no row qualifies.
@@ -371,9 +375,9 @@ def select_best(
             )
         if not math.isfinite(float(max_drop)) or max_drop < 0:
             raise ValueError(f"`max_drop >= 0` must hold, but got max_drop={max_drop!r}")
-        if "latency_ms" not in df.columns:
+        if latency not in df.columns:
             raise ValueError(
-                "max_drop mode picks the lowest latency_ms, but the DataFrame has no 'latency_ms' "
+                f"max_drop mode picks the lowest {latency}, but the DataFrame has no {latency!r} "
                 f"column; available columns: {sorted(map(str, df.columns))}"
             )
     score = pd.to_numeric(df[objective], errors="coerce")
@@ -392,9 +396,9 @@ def select_best(
         return np.where(np.isnan(values), np.inf, values)
 
     if max_drop is None:
-        keys = [key(objective, -1.0), key("latency_ms", 1.0)]
+        keys = [key(objective, -1.0), key(latency, 1.0)]
     else:
-        keys = [key("latency_ms", 1.0), key(objective, -1.0)]
+        keys = [key(latency, 1.0), key(objective, -1.0)]
     keys += [key("size_mb", 1.0), key("number", 1.0)]
     best = np.lexsort(keys[::-1])[0]
     return rows.iloc[best]
@@ -406,6 +410,8 @@ def near_ties(
     chosen: pd.Series,
     objective: str = "accuracy",
     k: int = 3,
+    *,
+    latency: str = "latency_ms",
 ) -> pd.DataFrame:
     """Feasible rows as good as ``chosen`` within its standard error, and cheaper to run.
 
@@ -421,6 +427,7 @@ def near_ties(
         chosen: the selected row (from :func:`select_best`).
         objective: the maximised column.
         k: how many rows to return at most.
+        latency: the latency column compared (as in :func:`select_best`).
 
     Returns:
         Up to ``k`` rows, fastest first; no rows when ``chosen`` has no standard error.
@@ -440,7 +447,7 @@ def near_ties(
     score = pd.to_numeric(df[objective], errors="coerce")
     ok = feasible(df, constraints) & (score >= best - se)
     cheaper = pd.Series(False, index=df.index)
-    for col in ("latency_ms", "size_mb"):
+    for col in (latency, "size_mb"):
         if col not in df.columns:
             continue
         ref = pd.to_numeric(pd.Series([chosen.get(col)]), errors="coerce").iloc[0]
@@ -452,9 +459,9 @@ def near_ties(
     rows = df[ok & cheaper]
     if rows.empty:
         return rows
-    axes = {objective: "max", "latency_ms": "min"} if "latency_ms" in rows.columns else {objective: "max"}
+    axes = {objective: "max", latency: "min"} if latency in rows.columns else {objective: "max"}
     front = pareto_front(rows, axes)
-    order = "latency_ms" if "latency_ms" in front.columns else objective
+    order = latency if latency in front.columns else objective
     return front.sort_values(order, ascending=order != objective, kind="stable").head(k)
 
 

@@ -61,7 +61,7 @@ def load_warning(sample: dict) -> str | None:
     """One line for a noisy machine (see :func:`sample_load`), or None when it is quiet or unknown.
 
     Example:
-        >>> load_warning(sample_load(lambda: (3.0, 2.0, 1.0), cores=2))[:52]
+        >>> load_warning(sample_load(lambda: (3.0, 2.0, 1.0), cores=2))[:53]
         'noisy machine: load average 3.00 on 2 cores (1.50 per'
     """
     if not sample.get("noisy"):
