@@ -1,0 +1,94 @@
+"""The digits task's held-out data: validation and test from disjoint original digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+from autoshrink import Task, TaskError
+from autoshrink.tasks import digits
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits.digits_data()
+
+
+def test_validation_test_and_training_share_no_original_digit(data):
+    train, val, test = (set(d.tolist()) for d in (data.train_digits, data.val_digits, data.test_digits))
+    assert not val & test
+    assert not train & val and not train & test
+    assert len(val) == 225 and len(test) == 225 and len(train) == 1347
+    assert len(data.val) == len(data.val_digits) == 225 * digits.VAL_COPIES
+    assert len(data.test) == len(data.test_digits) == 225 * digits.TEST_COPIES
+
+
+def test_each_sample_carries_its_source_digit(data):
+    from sklearn.datasets import load_digits
+
+    target = torch.as_tensor(load_digits().target)
+    for ds, idx in ((data.train, data.train_digits), (data.val, data.val_digits), (data.test, data.test_digits)):
+        assert torch.equal(ds.tensors[1], target[idx])
+
+
+def test_split_is_stratified_and_deterministic(data):
+    val_counts = np.bincount(data.val.tensors[1][:225].numpy(), minlength=10)
+    test_counts = np.bincount(data.test.tensors[1][:225].numpy(), minlength=10)
+    assert np.abs(val_counts - test_counts).max() <= 1
+    again = digits.digits_data()
+    assert torch.equal(again.test.tensors[0], data.test.tensors[0])
+    assert torch.equal(again.val_digits, data.val_digits)
+    # validation and test samples are distorted with different seeds, not the same noise
+    assert not torch.equal(data.val.tensors[0][:225], data.test.tensors[0][:225])
+
+
+def _task(**kw):
+    ds = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    return Task(model=nn.Linear(4, 2), train_data=ds, val_data=ds, example_input=torch.randn(1, 4), **kw)
+
+
+def test_task_scores_the_test_split_only_when_asked():
+    test = TensorDataset(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))
+    task = _task(test_data=test)
+    model = lambda x: torch.stack([torch.ones(len(x)), torch.zeros(len(x))], 1)  # noqa: E731  always class 0
+    acc, se = task.evaluate(model, split="test")
+    assert acc == 100.0 and se == 0.0
+    assert task.evaluate(model)[0] == task.evaluate(model, split="val")[0]
+
+
+def test_task_test_split_errors():
+    with pytest.raises(TaskError, match="has no test data; pass test_data="):
+        _task().evaluate(lambda x: x[:, :2], split="test")
+    with pytest.raises(TaskError, match="split must be one of 'train', 'val', 'test', got 'dev'"):
+        _task().evaluate(lambda x: x[:, :2], split="dev")
+    with pytest.raises(TaskError, match="test_data is empty"):
+        _task(test_data=TensorDataset(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(TaskError, match="test_data must be a torch Dataset or DataLoader, got list"):
+        _task(test_data=[1, 2])
+
+
+def test_cached_teacher_from_an_older_split_is_rescored_not_retrained(tmp_path, monkeypatch):
+    from autoshrink import models
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the teacher trains on the training split alone: its cache stays valid")
+
+    torch.manual_seed(0)
+    small = [TensorDataset(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,))) for _ in range(3)]
+    monkeypatch.setenv("AUTOSHRINK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digits, "train_teacher", no_training)
+    monkeypatch.setattr(digits, "digits_data", lambda: digits.DigitsData(*small))
+    teacher = models.create("resnet20", num_classes=10, in_chans=1)
+    path = digits._teacher_path("resnet20", 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": teacher.state_dict(), "accuracy": 123.0, "train_s": 1.0}, path)  # no "split"
+    task = digits.digits_task("resnet20", epochs=1, progress=False)
+    assert task.teacher_accuracy != 123.0
+    assert task.teacher_accuracy == pytest.approx(task.evaluate(task.model)[0])
+    saved = torch.load(path, weights_only=True)
+    assert saved["split"] == digits.SPLIT_VERSION and saved["accuracy"] == task.teacher_accuracy
+    assert task.test_data is small[2]
+    assert "disjoint held-out digits" in task.description
