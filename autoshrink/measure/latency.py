@@ -39,6 +39,7 @@ class Latency:
     p75_ms: float
     runs: int
     threads: int
+    p90_ms: float | None = None
 
 
 class MachineLock:
@@ -154,7 +155,8 @@ def measure_latency(
                 fn(x)
             times = time_calls(fn, x, runs)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Latency(statistics.median(times), q[0], q[2], runs, threads)
+    p90 = statistics.quantiles(times, n=10)[8] if len(times) >= 2 else times[0]
+    return Latency(statistics.median(times), q[0], q[2], runs, threads, p90)
 
 
 def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor) -> bytes:
@@ -186,6 +188,7 @@ class LatencyMeter:
         from autoshrink import _env
 
         _env.configure()
+        self._lock_dir = lock_dir
         self._lock = MachineLock(lock_dir)
         self.measured = 0
 
@@ -219,3 +222,11 @@ class LatencyMeter:
     def count(self) -> int:
         """How many models this meter has timed."""
         return self.measured
+
+    def remeasure(self, programs: dict[str, bytes], example_input: torch.Tensor, **kwargs):
+        """Re-time shipped artifacts (``model.pt2`` bytes by name) on this machine, in a fresh
+        process, interleaved (:func:`autoshrink.measure.remeasure.remeasure_programs`)."""
+        from autoshrink.measure.remeasure import remeasure_programs
+
+        kwargs.setdefault("lock_dir", self._lock_dir)
+        return remeasure_programs(programs, example_input, **kwargs)

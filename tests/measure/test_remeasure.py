@@ -131,3 +131,16 @@ def test_shipped_artifact_retimed_in_a_fresh_process_lands_inside_the_reported_s
                           capture_output=True, text=True, timeout=600, check=True)
     user = json.loads(proc.stdout.strip().splitlines()[-1])["median_ms"]
     assert min(s.p25_ms, s.ci_low_ms) <= user <= s.p90_ms, (user, s)
+
+
+@pytest.mark.slow
+def test_latency_meter_retimes_artifacts_sent_as_bytes(tmp_path):
+    # what a Ray actor on the latency-target node does with the finalists' model.pt2 contents
+    from autoshrink.measure.latency import LatencyMeter
+
+    path, x = _tiny_artifact(tmp_path)
+    out = LatencyMeter().remeasure({"trial 0": path.read_bytes(), "broken": b"not a program"}, x,
+                                   rounds=3, runs=5, warmup=2)
+    assert set(out.spreads) == {"trial 0"} and set(out.errors) == {"broken"}
+    assert out.spreads["trial 0"].runs == 15
+    assert "not a loadable torch.export program" in out.errors["broken"]
