@@ -51,6 +51,7 @@ __all__ = [
     "RemeasureError",
     "Remeasured",
     "Spread",
+    "TrialRetimer",
     "bootstrap_median_interval",
     "remeasure",
     "remeasure_programs",
@@ -369,6 +370,68 @@ def remeasure_programs(
         errors={names[k]: v for k, v in got.errors.items()},
         load=got.load, warning=got.warning, host=got.host,
     )
+
+
+class TrialRetimer:
+    """The ``measure`` of :func:`autoshrink.finalists.rechoose`: trial numbers -> deployed figures.
+
+    Each call re-times the trials' artifacts in one fresh process (here, or on the latency target
+    through a :class:`~autoshrink.measure.latency.LatencyMeter` actor) and returns, per trial,
+    :meth:`Spread.columns` or why it could not be timed. Load samples and noisy-machine warnings
+    of every call are kept in ``loads`` / ``warnings`` for the run's record.
+
+    Args:
+        artifact: trial number -> its ``model.pt2`` (e.g. ``out / "trials" / f"{n:04d}" / "model.pt2"``).
+        example_input: the task's example input.
+        meter: a Ray actor handle of :class:`LatencyMeter` on the latency target, or None (local).
+        **kwargs: :func:`remeasure`'s options (rounds, runs, warmup, threads, lock_dir, ...).
+
+    Example:
+        >>> retime = TrialRetimer(lambda n: Path(f"runs/demo/trials/{n:04d}/model.pt2"), x)  # doctest: +SKIP
+        >>> chosen = rechoose(trials, budget.constraints(), retime).chosen                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        artifact: Callable[[int], str | os.PathLike],
+        example_input: torch.Tensor,
+        *,
+        meter=None,
+        **kwargs,
+    ) -> None:
+        self.artifact = artifact
+        self.example_input = example_input
+        self.meter = meter
+        self.kwargs = kwargs
+        self.loads: list[dict] = []
+        self.warnings: list[str] = []
+
+    def __call__(self, numbers: Sequence[int]) -> dict[int, dict[str, float] | str]:
+        paths = {int(n): Path(self.artifact(int(n))) for n in numbers}
+        out: dict[int, dict[str, float] | str] = {
+            n: f"no artifact at {p} (not saved, or deleted)" for n, p in paths.items() if not p.is_file()
+        }
+        todo = {n: p for n, p in paths.items() if n not in out}
+        if not todo:
+            return out
+        if self.meter is None:
+            got = remeasure(list(todo.values()), self.example_input, **self.kwargs)
+            key = {n: str(p) for n, p in todo.items()}
+        else:
+            import ray
+
+            got = ray.get(self.meter.remeasure.remote(
+                {str(n): p.read_bytes() for n, p in todo.items()}, self.example_input, **self.kwargs))
+            key = {n: str(n) for n in todo}
+        self.loads.append(got.load)
+        if got.warning and got.warning not in self.warnings:
+            self.warnings.append(got.warning)
+        for n, k in key.items():
+            if k in got.spreads:
+                out[n] = got.spreads[k].columns()
+            else:
+                out[n] = got.errors.get(k, "no timing returned")
+        return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,3 +144,40 @@ def test_latency_meter_retimes_artifacts_sent_as_bytes(tmp_path):
     assert set(out.spreads) == {"trial 0"} and set(out.errors) == {"broken"}
     assert out.spreads["trial 0"].runs == 15
     assert "not a loadable torch.export program" in out.errors["broken"]
+
+
+def test_trial_retimer_reports_missing_and_broken_artifacts(tmp_path):
+    from autoshrink.measure.remeasure import TrialRetimer
+
+    def artifact(n):
+        return tmp_path / "trials" / f"{n:04d}" / "model.pt2"
+
+    artifact(1).parent.mkdir(parents=True)
+    artifact(1).write_bytes(b"not a program")
+    retime = TrialRetimer(artifact, torch.zeros(1, 2), rounds=1, runs=1, warmup=0)
+    assert retime([0]) == {0: f"no artifact at {artifact(0)} (not saved, or deleted)"}  # no process started
+    assert retime.loads == []
+    out = retime([0, 1])
+    assert "no artifact" in out[0] and "not a loadable torch.export program" in out[1]
+    assert len(retime.loads) == 1
+
+
+@pytest.mark.slow
+def test_rechoose_with_real_retiming_records_the_deployed_figures(tmp_path):
+    import pandas as pd
+
+    from autoshrink.finalists import rechoose
+    from autoshrink.measure.remeasure import TrialRetimer
+
+    path, x = _tiny_artifact(tmp_path)
+    trials = pd.DataFrame({"number": [0, 1], "state": ["COMPLETE", "COMPLETE"], "accuracy": [90.0, 80.0],
+                           "latency_ms": [0.001, 0.0005], "meets_budget": [True, True]})
+    # trial 1's artifact is missing: it is noted, and trial 0 is chosen on its re-timed figure
+    retime = TrialRetimer(lambda n: path if n == 0 else tmp_path / "gone.pt2", x, rounds=3, runs=5, warmup=2)
+    out = rechoose(trials, {"latency_ms": 1e3}, retime)
+    assert int(out.chosen["number"]) == 0 and out.chosen["latency_source"] == "deployed"
+    assert out.chosen["latency_ms_deployed"] > 0.001  # a real timing replaced the gate's figure
+    row1 = out.trials.set_index("number").loc[1]
+    assert row1["latency_source"] == "gate" and pd.isna(row1["latency_ms_deployed"])
+    assert any("trial 1: could not be re-timed" in n for n in out.notes)
+    assert len(retime.loads) == 1
