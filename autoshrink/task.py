@@ -160,7 +160,8 @@ class Task:
                 once: choosing on it would make it a second validation set).
 
         Raises:
-            TaskError: ``split="test"`` on a task without ``test_data``, or an unknown split.
+            TaskError: ``split="test"`` on a task without ``test_data``, an unknown split, or a
+                metric that returns NaN or infinity.
         """
         hold = guard or contextlib.nullcontext
         logits, targets = [], []
@@ -183,4 +184,12 @@ class Task:
             acc = top1_accuracy(out, tgt)
             se = 100.0 * math.sqrt(max(acc / 100 * (1 - acc / 100), 0.0) / len(tgt))
             return acc, se
-        return float(self.metric(out, tgt)), None
+        value = float(self.metric(out, tgt))
+        if not math.isfinite(value):
+            # told to the sampler, a NaN would become an accuracy of 0 or a crash: stop it here
+            name = getattr(self.metric, "__name__", type(self.metric).__name__)
+            raise TaskError(
+                f"task {self.name!r}: the metric {name} returned {value} on {len(tgt)} {split} samples "
+                f"(logits finite: {bool(torch.isfinite(out).all())}); a metric must return a finite number"
+            )
+        return value, None

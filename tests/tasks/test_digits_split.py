@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from autoshrink import Task, TaskError
 from autoshrink.tasks import digits
 
 
@@ -45,31 +43,6 @@ def test_split_is_stratified_and_deterministic(data):
     assert not torch.equal(data.val.tensors[0][:225], data.test.tensors[0][:225])
 
 
-def _task(**kw):
-    ds = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
-    return Task(model=nn.Linear(4, 2), train_data=ds, val_data=ds, example_input=torch.randn(1, 4), **kw)
-
-
-def test_task_scores_the_test_split_only_when_asked():
-    test = TensorDataset(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))
-    task = _task(test_data=test)
-    model = lambda x: torch.stack([torch.ones(len(x)), torch.zeros(len(x))], 1)  # noqa: E731  always class 0
-    acc, se = task.evaluate(model, split="test")
-    assert acc == 100.0 and se == 0.0
-    assert task.evaluate(model)[0] == task.evaluate(model, split="val")[0]
-
-
-def test_task_test_split_errors():
-    with pytest.raises(TaskError, match="has no test data; pass test_data="):
-        _task().evaluate(lambda x: x[:, :2], split="test")
-    with pytest.raises(TaskError, match="split must be one of 'train', 'val', 'test', got 'dev'"):
-        _task().evaluate(lambda x: x[:, :2], split="dev")
-    with pytest.raises(TaskError, match="test_data is empty"):
-        _task(test_data=TensorDataset(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)))
-    with pytest.raises(TaskError, match="test_data must be a torch Dataset or DataLoader, got list"):
-        _task(test_data=[1, 2])
-
-
 def test_cached_teacher_from_an_older_split_is_rescored_not_retrained(tmp_path, monkeypatch):
     from autoshrink import models
 
@@ -92,3 +65,4 @@ def test_cached_teacher_from_an_older_split_is_rescored_not_retrained(tmp_path, 
     assert saved["split"] == digits.SPLIT_VERSION and saved["accuracy"] == task.teacher_accuracy
     assert task.test_data is small[2]
     assert "disjoint held-out digits" in task.description
+
