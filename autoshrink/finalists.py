@@ -115,9 +115,7 @@ def with_effective_latency(
     gate_verdict = out["meets_budget"] if "meets_budget" in out.columns else pd.Series(None, index=out.index)
     out["meets_budget_gate"] = gate_verdict
     if retimed.any():
-        # a budget column without a value (a hand-made table) leaves the verdict unchanged
-        limits = {k: v for k, v in effective_constraints(constraints).items() if k in out.columns}
-        ok = feasible(out, limits)
+        ok = feasible(out, effective_constraints(constraints))
         verdict = gate_verdict.astype(object).copy()
         verdict[retimed] = ok[retimed].astype(bool)
         out["meets_budget"] = verdict
@@ -189,10 +187,11 @@ def to_retime(
     reference_accuracy: float | None = None,
     exclude: Iterable[int] = (),
 ) -> list[int]:
-    """Trial numbers to re-time: the front's feasible members and the chosen row, on gate figures.
+    """Trial numbers to re-time: the front of the feasible rows, and the chosen row.
 
-    Rows already re-measured, and the numbers in ``exclude`` (e.g. whose artifact is missing),
-    are left out.
+    The front is taken among the rows within the budget (a more accurate row over the budget
+    does not hide one under it), on the effective latency. Rows already re-measured, and the
+    numbers in ``exclude`` (e.g. whose artifact is missing), are left out.
 
     Returns:
         Trial numbers, ascending.

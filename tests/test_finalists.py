@@ -156,3 +156,10 @@ def test_within_noise():
                      "latency_deployed_ci_low_ms": 4.9, "latency_deployed_ci_high_ms": 5.05})
     assert "within the noise" in noise_note(row, 5.0)
     assert noise_note(row, 6.0) is None
+
+
+def test_a_row_over_the_budget_does_not_hide_one_under_it():
+    df = pd.DataFrame({"number": [0, 1], "state": ["COMPLETE"] * 2, "accuracy": [96.0, 95.0],
+                       "latency_ms": [4.0, 4.5], "size_mb": [3.0, 1.0]})
+    # 0 dominates 1 on accuracy and latency, but is over the size limit
+    assert to_retime(df, {"latency_ms": 5.0, "size_mb": 2.0}) == [1]
