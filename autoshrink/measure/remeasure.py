@@ -469,19 +469,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     _env.configure()
     x = torch.load(args.input, weights_only=True)
     load = _load_callable(args.loader)
+    lock = MachineLock(args.lock_dir)
     results: list[dict] = [{"path": path} for path in args.paths]
     models, timed = [], []
     for entry in results:
         try:
-            models.append(load(entry["path"]))
-            timed.append(entry)
-        except (OSError, ValueError, RuntimeError) as exc:  # a missing or broken artifact: listed, not fatal
-            entry["error"] = f"{type(exc).__name__}: {exc}"
+            fn = load(entry["path"])
+            # the first call compiles: done here, one artifact at a time, so that one that does not
+            # compile is listed with its reason while the others are timed
+            with lock.training(), fixed_threads(args.threads), torch.inference_mode():
+                fn(x[:1].contiguous())
+        except Exception as exc:  # noqa: BLE001  (a loader's or Inductor's many error types)
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            entry["error"] = f"{type(exc).__name__}: {first[:500]}"
+            continue
+        models.append(fn)
+        timed.append(entry)
     sample = sample_load()
     if models:
         times = time_interleaved(
-            models, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
-            lock=MachineLock(args.lock_dir),
+            models, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads, lock=lock,
         )
         for entry, t in zip(timed, times, strict=True):
             entry["spread"] = asdict(spread(t, threads=args.threads, resamples=args.resamples,
