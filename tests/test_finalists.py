@@ -163,3 +163,16 @@ def test_a_row_over_the_budget_does_not_hide_one_under_it():
                        "latency_ms": [4.0, 4.5], "size_mb": [3.0, 1.0]})
     # 0 dominates 1 on accuracy and latency, but is over the size limit
     assert to_retime(df, {"latency_ms": 5.0, "size_mb": 2.0}) == [1]
+
+
+def test_near_ties_compare_effective_latencies():
+    from autoshrink.finalists import effective_near_ties
+
+    df = merge_deployed(_trials(), {0: {"latency_ms_deployed": 4.85}, 1: {"latency_ms_deployed": 4.9}})
+    chosen = choose(df, BUDGET)
+    assert int(chosen["number"]) == 0
+    # trial 3 (94.5 %, gate 4.9 ms) is not within one SE (0.3) of 95.0; trial 1 is not; nothing is listed
+    assert effective_near_ties(df, BUDGET, chosen).empty
+    df2 = merge_deployed(df, {3: {"latency_ms_deployed": 4.7}})
+    df2.loc[df2["number"] == 3, ["accuracy", "size_mb"]] = [94.8, 0.9]  # within one SE, no larger
+    assert effective_near_ties(df2, BUDGET, choose(df2, BUDGET))["number"].tolist() == [3]
