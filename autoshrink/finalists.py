@@ -33,6 +33,7 @@ __all__ = [
     "EFFECTIVE",
     "OBJECTIVES_EFFECTIVE",
     "SOURCE",
+    "TEST_COLUMNS",
     "LatencySource",
     "Rechosen",
     "choose",
@@ -41,6 +42,7 @@ __all__ = [
     "effective_hypervolume",
     "effective_near_ties",
     "merge_deployed",
+    "merge_test_scores",
     "noise_note",
     "rechoose",
     "to_retime",
@@ -60,6 +62,8 @@ EFFECTIVE = "latency_ms_effective"
 #: which figure ``latency_ms_effective`` is
 SOURCE = "latency_source"
 OBJECTIVES_EFFECTIVE = {"accuracy": "max", EFFECTIVE: "min"}
+#: the test split's score, for the front and the chosen model only (never used to choose)
+TEST_COLUMNS = ("test_accuracy", "test_accuracy_se")
 
 
 class LatencySource(str, enum.Enum):
@@ -214,6 +218,18 @@ def to_retime(
     return sorted(wanted - done - set(exclude))
 
 
+def merge_test_scores(df: pd.DataFrame, scores: Mapping[int, Mapping[str, float | None]]) -> pd.DataFrame:
+    """A copy of ``df`` with test-split scores (``test_accuracy``, ``test_accuracy_se``) for the
+    trials scored on it (the front and the chosen one); the others stay NaN.
+
+    Example:
+        >>> df = pd.DataFrame({"number": [0, 1], "accuracy": [95.0, 94.0]})
+        >>> merge_test_scores(df, {"1": {"test_accuracy": 93.5}})["test_accuracy"].tolist()
+        [nan, 93.5]
+    """
+    return _merge(df, scores, TEST_COLUMNS, "test-split")
+
+
 def merge_deployed(df: pd.DataFrame, figures: Mapping[int, Mapping[str, float]]) -> pd.DataFrame:
     """A copy of ``df`` with re-measured figures written into the rows of their trial numbers.
 
@@ -230,23 +246,27 @@ def merge_deployed(df: pd.DataFrame, figures: Mapping[int, Mapping[str, float]])
         >>> merge_deployed(df, {0: {"latency_ms_deployed": 5.3}})["latency_ms_deployed"].tolist()
         [5.3, nan]
     """
+    out = _merge(df, figures, (DEPLOYED, *DEPLOYED_SPREAD), "deployed-latency")
+    # the effective view is derived from these: drop a stale one
+    return out.drop(columns=[c for c in (EFFECTIVE, SOURCE) if c in out.columns])
+
+
+def _merge(df: pd.DataFrame, figures: Mapping, allowed: tuple[str, ...], what: str) -> pd.DataFrame:
     out = df.copy()
-    allowed = (DEPLOYED, *DEPLOYED_SPREAD)
     for col in allowed:
         if col not in out.columns:
             out[col] = np.nan
     numbers = pd.to_numeric(out["number"], errors="coerce")
-    for number, cols in figures.items():
+    for number, cols in figures.items():  # keys may be strings (a JSON study attribute)
         rows = numbers == int(number)
         if not rows.any():
             known = sorted(numbers.dropna().astype(int))
-            raise ValueError(f"re-measured trial {number} is not in the trials (numbers {known})")
+            raise ValueError(f"{what} figures for trial {number}, which is not in the trials (numbers {known})")
         for col, value in cols.items():
             if col not in allowed:
-                raise ValueError(f"{col!r} is not a deployed-latency column; expected one of {list(allowed)}")
-            out.loc[rows, col] = float(value)
-    # the effective view is derived from these: drop a stale one
-    return out.drop(columns=[c for c in (EFFECTIVE, SOURCE) if c in out.columns])
+                raise ValueError(f"{col!r} is not a {what} column; expected one of {list(allowed)}")
+            out.loc[rows, col] = np.nan if value is None else float(value)
+    return out
 
 
 @dataclass

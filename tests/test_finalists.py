@@ -140,7 +140,7 @@ def test_max_drop_chooses_the_fastest_on_the_effective_figure():
 
 
 def test_merge_rejects_unknown_numbers_and_columns():
-    with pytest.raises(ValueError, match="re-measured trial 9 is not in the trials"):
+    with pytest.raises(ValueError, match="deployed-latency figures for trial 9, which is not in the trials"):
         merge_deployed(_trials(), {9: {"latency_ms_deployed": 1.0}})
     with pytest.raises(ValueError, match="'latency_ms' is not a deployed-latency column"):
         merge_deployed(_trials(), {0: {"latency_ms": 1.0}})
@@ -176,3 +176,17 @@ def test_near_ties_compare_effective_latencies():
     df2 = merge_deployed(df, {3: {"latency_ms_deployed": 4.7}})
     df2.loc[df2["number"] == 3, ["accuracy", "size_mb"]] = [94.8, 0.9]  # within one SE, no larger
     assert effective_near_ties(df2, BUDGET, choose(df2, BUDGET))["number"].tolist() == [3]
+
+
+def test_figures_from_a_json_study_attribute_merge_by_number():
+    import json
+
+    stored = json.loads(json.dumps({1: {"latency_ms_deployed": 4.1}, 3: {"latency_ms_deployed": 4.6}}))
+    df = merge_deployed(_trials(), stored)  # string keys, as Optuna gives a study attribute back
+    assert df["latency_ms_deployed"].tolist()[1] == 4.1 and df["latency_ms_deployed"].tolist()[3] == 4.6
+    from autoshrink.finalists import merge_test_scores
+
+    scored = merge_test_scores(df, {"0": {"test_accuracy": 94.2, "test_accuracy_se": 0.5}, "1": {"test_accuracy": None}})
+    assert scored["test_accuracy"].tolist()[0] == 94.2 and np.isnan(scored["test_accuracy"].tolist()[1])
+    with pytest.raises(ValueError, match="'accuracy' is not a test-split column"):
+        merge_test_scores(df, {0: {"accuracy": 1.0}})
