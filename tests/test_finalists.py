@@ -186,7 +186,8 @@ def test_figures_from_a_json_study_attribute_merge_by_number():
     assert df["latency_ms_deployed"].tolist()[1] == 4.1 and df["latency_ms_deployed"].tolist()[3] == 4.6
     from autoshrink.finalists import merge_test_scores
 
-    scored = merge_test_scores(df, {"0": {"test_accuracy": 94.2, "test_accuracy_se": 0.5}, "1": {"test_accuracy": None}})
+    scores = {"0": {"test_accuracy": 94.2, "test_accuracy_se": 0.5}, "1": {"test_accuracy": None}}
+    scored = merge_test_scores(df, scores)
     assert scored["test_accuracy"].tolist()[0] == 94.2 and np.isnan(scored["test_accuracy"].tolist()[1])
     with pytest.raises(ValueError, match="'accuracy' is not a test-split column"):
         merge_test_scores(df, {0: {"accuracy": 1.0}})
