@@ -45,6 +45,7 @@ __all__ = [
     "merge_test_scores",
     "noise_note",
     "rechoose",
+    "score_test_split",
     "to_retime",
     "with_effective_latency",
     "within_noise",
@@ -358,6 +359,47 @@ def rechoose(
             f"was not re-timed (after {out.rounds} round(s))"
         )
     return out
+
+
+def score_test_split(
+    rechosen: Rechosen,
+    score: Callable[[int], tuple[float, float | None]],
+    constraints: Mapping[str, float | None] | None = None,
+) -> tuple[dict[int, dict[str, float | None]], list[str]]:
+    """Score the effective front and the chosen row once on the test split.
+
+    Args:
+        rechosen: the outcome of :func:`rechoose`.
+        score: trial number -> ``(test_accuracy, test_accuracy_se)`` of its shipped artifact, e.g.
+            ``task.evaluate(load_deployable(path), fixed_batch=True, split="test")``; an
+            exception (a missing artifact) is noted, not raised.
+        constraints: the budget's limits (for the effective view).
+
+    Returns:
+        ``({number: {"test_accuracy": ..., "test_accuracy_se": ...}}, notes)``; merge the first with
+        :func:`merge_test_scores`.
+
+    Example:
+        >>> df = pd.DataFrame({"number": [0, 1], "state": ["COMPLETE"] * 2, "accuracy": [95.0, 94.0],
+        ...                    "latency_ms": [4.8, 4.0]})
+        >>> timed = {0: 4.9, 1: 4.0}
+        >>> got = rechoose(df, {"latency_ms": 5.0}, lambda ns: {n: {"latency_ms_deployed": timed[n]} for n in ns})
+        >>> sorted(score_test_split(got, lambda n: (90.0 + n, 0.5))[0])
+        [0, 1]
+    """
+    numbers = set(effective_front(rechosen.trials, constraints)["number"].astype(int))
+    if rechosen.chosen is not None:
+        numbers.add(int(rechosen.chosen["number"]))
+    out: dict[int, dict[str, float | None]] = {}
+    notes: list[str] = []
+    for n in sorted(numbers):
+        try:
+            acc, se = score(n)
+        except Exception as exc:  # noqa: BLE001  (a missing artifact, a loader's error: noted per trial)
+            notes.append(f"trial {n}: not scored on the test split ({type(exc).__name__}: {exc})")
+            continue
+        out[n] = {"test_accuracy": float(acc), "test_accuracy_se": None if se is None else float(se)}
+    return out, notes
 
 
 def within_noise(budget_ms: float | None, interval: tuple[float, float] | None) -> bool:

@@ -191,3 +191,23 @@ def test_figures_from_a_json_study_attribute_merge_by_number():
     assert scored["test_accuracy"].tolist()[0] == 94.2 and np.isnan(scored["test_accuracy"].tolist()[1])
     with pytest.raises(ValueError, match="'accuracy' is not a test-split column"):
         merge_test_scores(df, {0: {"accuracy": 1.0}})
+
+
+def test_front_and_chosen_are_scored_once_on_the_test_split():
+    from autoshrink.finalists import merge_test_scores, score_test_split
+
+    out = rechoose(_trials(), BUDGET, _fake_measure({0: 5.3, 1: 4.0, 3: 4.7}, []))
+    scored: list[int] = []
+
+    def score(n):
+        scored.append(n)
+        if n == 2:
+            raise FileNotFoundError("trials/0002/model.pt2")
+        return 90.0 + n, 0.4
+
+    scores, notes = score_test_split(out, score, BUDGET)
+    assert sorted(scored) == sorted(set(effective_front(out.trials, BUDGET)["number"]) | {3})
+    assert scores[3] == {"test_accuracy": 93.0, "test_accuracy_se": 0.4}
+    assert notes == ["trial 2: not scored on the test split (FileNotFoundError: trials/0002/model.pt2)"]
+    table = merge_test_scores(out.trials, scores)
+    assert table.set_index("number").loc[3, "test_accuracy"] == 93.0
