@@ -305,6 +305,8 @@ def select_best(
     objective: str = "accuracy",
     max_drop: float | None = None,
     reference_accuracy: float | None = None,
+    *,
+    latency: str = "latency_ms",
 ) -> pd.Series | None:
     """The trial to ship: the best feasible COMPLETE row with a measured ``objective``.
 
@@ -319,6 +321,8 @@ def select_best(
         objective: the column maximised (or floored by ``max_drop``).
         max_drop: largest allowed loss of ``objective`` in points versus ``reference_accuracy``.
         reference_accuracy: the uncompressed model's ``objective``; required with ``max_drop``.
+        latency: the latency column that breaks ties and that ``max_drop`` minimises (e.g. the
+            re-measured figure, see :mod:`autoshrink.finalists`).
 
     Returns:
         The chosen row (its index label is the Series name), or ``None`` if no row qualifies.
@@ -344,9 +348,9 @@ def select_best(
             )
         if not math.isfinite(float(max_drop)) or max_drop < 0:
             raise ValueError(f"`max_drop >= 0` must hold, but got max_drop={max_drop!r}")
-        if "latency_ms" not in df.columns:
+        if latency not in df.columns:
             raise ValueError(
-                "max_drop mode picks the lowest latency_ms, but the DataFrame has no 'latency_ms' "
+                f"max_drop mode picks the lowest {latency}, but the DataFrame has no {latency!r} "
                 f"column; available columns: {sorted(map(str, df.columns))}"
             )
     score = pd.to_numeric(df[objective], errors="coerce")
@@ -365,9 +369,9 @@ def select_best(
         return np.where(np.isnan(values), np.inf, values)
 
     if max_drop is None:
-        keys = [key(objective, -1.0), key("latency_ms", 1.0)]
+        keys = [key(objective, -1.0), key(latency, 1.0)]
     else:
-        keys = [key("latency_ms", 1.0), key(objective, -1.0)]
+        keys = [key(latency, 1.0), key(objective, -1.0)]
     keys += [key("size_mb", 1.0), key("number", 1.0)]
     best = np.lexsort(keys[::-1])[0]
     return rows.iloc[best]
@@ -379,6 +383,8 @@ def near_ties(
     chosen: pd.Series,
     objective: str = "accuracy",
     k: int = 3,
+    *,
+    latency: str = "latency_ms",
 ) -> pd.DataFrame:
     """Feasible rows as good as ``chosen`` within its standard error, and cheaper to run.
 
@@ -394,6 +400,7 @@ def near_ties(
         chosen: the selected row (from :func:`select_best`).
         objective: the maximised column.
         k: how many rows to return at most.
+        latency: the latency column compared (as in :func:`select_best`).
 
     Returns:
         Up to ``k`` rows, fastest first; no rows when ``chosen`` has no standard error.
@@ -413,7 +420,7 @@ def near_ties(
     score = pd.to_numeric(df[objective], errors="coerce")
     ok = feasible(df, constraints) & (score >= best - se)
     cheaper = pd.Series(False, index=df.index)
-    for col in ("latency_ms", "size_mb"):
+    for col in (latency, "size_mb"):
         if col not in df.columns:
             continue
         ref = pd.to_numeric(pd.Series([chosen.get(col)]), errors="coerce").iloc[0]
@@ -425,10 +432,10 @@ def near_ties(
     rows = df[ok & cheaper]
     if rows.empty:
         return rows
-    axes = ({objective: Direction.MAX, "latency_ms": Direction.MIN} if "latency_ms" in rows.columns
+    axes = ({objective: Direction.MAX, latency: Direction.MIN} if latency in rows.columns
             else {objective: Direction.MAX})
     front = pareto_front(rows, axes)
-    order = "latency_ms" if "latency_ms" in front.columns else objective
+    order = latency if latency in front.columns else objective
     return front.sort_values(order, ascending=order != objective, kind="stable").head(k)
 
 

@@ -41,12 +41,16 @@ class Task:
         model: the trained model to compress (the teacher). It is never modified.
         train_data: a Dataset or DataLoader of ``(input, target)`` for the KD fine-tune.
         val_data: a Dataset or DataLoader of ``(input, target)`` for accuracy; never trained on.
+            Early stopping and the choice of the best trial use it.
         example_input: one input batch (batch size 1 is what latency is measured at).
         metric: ``metric(logits, targets) -> float`` on the whole validation set, higher is
             better; defaults to top-1 accuracy in percent.
         name: shown in reports.
         teacher_accuracy: the teacher's metric on ``val_data`` if known (computed otherwise).
         description: how the data was built, for the run report.
+        test_data: optional Dataset or DataLoader of ``(input, target)`` never used for any
+            choice: scored once, for the front and the chosen model (``evaluate(split="test")``).
+            Without it, the reported accuracy is also the selection criterion.
 
     Raises:
         TaskError: if the example input does not run through the model, or data is empty.
@@ -69,6 +73,7 @@ class Task:
     name: str = "custom"
     teacher_accuracy: float | None = None
     description: str = ""
+    test_data: Dataset | DataLoader | None = None
     num_classes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -81,7 +86,10 @@ class Task:
                 "example_input must be a torch.Tensor batch or a dict of tensors (model(**inputs)), "
                 f"got {type(self.example_input).__name__}"
             )
-        for label, data in (("train_data", self.train_data), ("val_data", self.val_data)):
+        splits = [("train_data", self.train_data), ("val_data", self.val_data)]
+        if self.test_data is not None:
+            splits.append(("test_data", self.test_data))
+        for label, data in splits:
             if not isinstance(data, (Dataset, DataLoader)):
                 raise TaskError(f"{label} must be a torch Dataset or DataLoader, got {type(data).__name__}")
             try:
@@ -112,11 +120,23 @@ class Task:
 
     # -- data ---------------------------------------------------------------------------------------
     def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-        data = self.train_data if which == "train" else self.val_data
+        data = self._split(which)
         if isinstance(data, DataLoader):
             return data
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+
+    def _split(self, which: str) -> Dataset | DataLoader:
+        if which == "test":
+            if self.test_data is None:
+                raise TaskError(
+                    f"task {self.name!r} has no test data; pass test_data= to Task (a Dataset or "
+                    "DataLoader never used for selection) to score the test split"
+                )
+            return self.test_data
+        if which not in ("train", "val"):
+            raise TaskError(f"split must be one of 'train', 'val', 'test', got {which!r}")
+        return self.train_data if which == "train" else self.val_data
 
     def calibration_batches(self, n: int = 4, batch_size: int = 32) -> Iterator[torch.Tensor]:
         """A few training inputs for PTQ observers (deterministic)."""
@@ -133,9 +153,10 @@ class Task:
         limit: int | None = None,
         fixed_batch: bool = False,
         guard: Callable[[], AbstractContextManager] | None = None,
+        split: str = "val",
     ) -> tuple[float, float | None]:
-        """The metric of ``model`` on the validation data, with its standard error when the
-        metric is the default top-1 accuracy (binomial: sqrt(p(1-p)/n), in points).
+        """The metric of ``model`` on the validation data (or ``split``), with its standard error
+        when the metric is the default top-1 accuracy (binomial: sqrt(p(1-p)/n), in points).
 
         Args:
             model: any callable from inputs to logits (eager, exported, or compiled).
@@ -144,12 +165,18 @@ class Task:
                 (one compilation instead of two); padded rows are dropped before scoring.
             guard: a context-manager factory held around each batch (the machine lock's shared
                 side during a search).
+            split: ``"val"`` (default) or ``"test"`` (only for the front and the chosen model,
+                once: choosing on it would make it a second validation set).
+
+        Raises:
+            TaskError: ``split="test"`` on a task without ``test_data``, an unknown split, or a
+                metric that returns NaN or infinity.
         """
         hold = guard or contextlib.nullcontext
         logits, targets = [], []
         seen = 0
         with torch.no_grad():
-            for batch in self.loader("val", batch_size, shuffle=False):
+            for batch in self.loader(split, batch_size, shuffle=False):
                 x, y = _batches.split_batch(batch)
                 if limit is not None and seen >= limit:
                     break
@@ -167,7 +194,15 @@ class Task:
             acc = top1_accuracy(out, tgt)
             se = 100.0 * math.sqrt(max(acc / 100 * (1 - acc / 100), 0.0) / len(tgt))
             return acc, se
-        return float(self.metric(out, tgt)), None
+        value = float(self.metric(out, tgt))
+        if not math.isfinite(value):
+            # told to the sampler, a NaN would become an accuracy of 0 or a crash: stop it here
+            name = getattr(self.metric, "__name__", type(self.metric).__name__)
+            raise TaskError(
+                f"task {self.name!r}: the metric {name} returned {value} on {len(tgt)} {split} samples "
+                f"(logits finite: {bool(torch.isfinite(out).all())}); a metric must return a finite number"
+            )
+        return value, None
 
 
 def _shapes(x) -> object:

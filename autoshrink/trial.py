@@ -87,6 +87,7 @@ class TrialResult:
     layers: list[dict] = field(default_factory=list)
     skipped_layers: dict[str, str] = field(default_factory=dict)
     fp32_layers: dict[str, str] = field(default_factory=dict)  # asked to quantize, left fp32: why
+    uncounted_ops: dict[str, int] = field(default_factory=dict)  # fvcore could not count: mmacs is "at least"
 
     def metrics(self) -> dict:
         d = asdict(self)
@@ -229,6 +230,7 @@ def _record_cost(result: TrialResult, comp: Compressed, x: torch.Tensor) -> Cost
         cost.mmacs, cost.bops, cost.params, cost.size_mb
     )
     result.fp32_layers = dict(comp.fp32_layers)
+    result.uncounted_ops = dict(cost.uncounted_ops)
     result.layers = [
         {
             "layer": c.layer,

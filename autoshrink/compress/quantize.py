@@ -43,6 +43,7 @@ __all__ = [
     "export_model",
     "layer_bits",
     "lower",
+    "patch_warnings",
     "prepare_ptq",
     "prepare_qat",
     "quantizable_layers",
@@ -214,8 +215,9 @@ def _split_reused_activations(gm: torch.fx.GraphModule) -> None:
 
 
 def _patch_torchao() -> None:
-    """Two targeted fixes to torchao's PT2E internals, installed once per process (each checks
-    that the function it wraps exists, and leaves torchao alone otherwise)."""
+    """Three targeted fixes to torchao's PT2E internals, installed once per process (each checks
+    that the function it wraps exists, and leaves torchao alone otherwise, with a warning that
+    :func:`patch_warnings` keeps)."""
     global _PATCHED
     if _PATCHED:
         return
@@ -226,6 +228,33 @@ def _patch_torchao() -> None:
 
 
 _PATCHED = False
+_PATCH_WARNINGS: list[str] = []
+
+
+def patch_warnings() -> list[str]:
+    """Why a torchao patch was not installed in this process (its target moved in this torchao
+    version), one line each; empty when all are in place. For the run's summary and report.
+
+    Example:
+        >>> isinstance(patch_warnings(), list)
+        True
+    """
+    return list(_PATCH_WARNINGS)
+
+
+def _patch_skipped(patch: str, target: str, exc: BaseException, effect: str) -> None:
+    """Record and warn, once per process and patch, that torchao's layout changed under a patch."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    message = (f"torchao {version}: {target} not found ({type(exc).__name__}: {exc}), so the "
+               f"{patch} patch is not installed: {effect}")
+    if message not in _PATCH_WARNINGS:
+        _PATCH_WARNINGS.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _skip_absent_conv_kinds() -> None:
@@ -242,7 +271,9 @@ def _skip_absent_conv_kinds() -> None:
         qat_utils = importlib.import_module("torchao.quantization.pt2e.qat_utils")
         helpers = {name: getattr(qat_utils, name)
                    for name in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")}
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError) as exc:
+        _patch_skipped("skip-absent-conv-kinds", "torchao.quantization.pt2e.qat_utils._fuse/_fold_conv_bn_qat_helper",
+                       exc, "QAT conv-BN fusion tries every conv kind again (slower, same result)")
         return
     aten = torch.ops.aten
     ops = {
@@ -278,7 +309,10 @@ def _skip_empty_qspec_updates() -> None:
     try:
         qat_utils = importlib.import_module("torchao.quantization.pt2e.qat_utils")
         original = qat_utils._update_conv_input_qspec_map_after_replacement
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError) as exc:
+        _patch_skipped("skip-empty-qspec-updates",
+                       "torchao.quantization.pt2e.qat_utils._update_conv_input_qspec_map_after_replacement", exc,
+                       "QAT may fail with IndexError where an fp32 conv feeds a fused conv-BN (e.g. MobileNetV2)")
         return
 
     def update(original_node, replacement_node):
@@ -306,7 +340,9 @@ def _memoize_pattern_exports() -> None:
     try:
         utils = importlib.import_module("torchao.quantization.pt2e.utils")
         original = utils._get_aten_graph_module_for_pattern
-    except (ImportError, AttributeError):  # another torchao layout: nothing to speed up
+    except (ImportError, AttributeError) as exc:  # another torchao layout: nothing to speed up
+        _patch_skipped("memoize-pattern-exports", "torchao.quantization.pt2e.utils._get_aten_graph_module_for_pattern",
+                       exc, "each lower() of a QAT model exports its ~100 rewrite patterns again (slower, same result)")
         return
     cache: dict[tuple, torch.fx.GraphModule] = {}
 

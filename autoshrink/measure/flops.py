@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from autoshrink import _batches
 
-__all__ = ["Cost", "model_cost"]
+__all__ = ["NO_MACS_OPS", "Cost", "mmacs_text", "model_cost"]
+
+#: Operators fvcore has no MAC formula for that do no multiply-accumulate work by the usual
+#: convention (elementwise maths, activations, reductions): MACs count convolutions and matrix
+#: products. Every *other* operator fvcore cannot count (scaled-dot-product attention, custom
+#: ops, ...) is listed in ``Cost.uncounted_ops``, and the MACs are then a lower bound.
+NO_MACS_OPS = frozenset(
+    f"aten::{op}" for op in (
+        "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs", "pow",
+        "sqrt", "rsqrt", "exp", "log", "erf", "clamp", "clamp_", "clamp_min", "where",
+        "softmax", "log_softmax", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish",
+        "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "relu6", "leaky_relu", "elu",
+        "mean", "sum", "max", "min", "amax", "amin", "argmax", "cumsum",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,8 @@ class Cost:
     ``size_mb`` = bytes / 1e6 of what a deployment stores: each weight at its layer's bits (4-bit
     weights packed two per byte), one fp32 scale per output channel of a quantized layer, biases
     and every other parameter in fp32, BatchNorm counted as folded into the preceding layer's bias.
+    ``uncounted_ops``: operator -> calls that fvcore could not count and that are not in
+    :data:`NO_MACS_OPS`; when it is not empty, ``mmacs`` (and ``bops``) are *at least* that much.
     """
 
     mmacs: float
@@ -30,6 +46,25 @@ class Cost:
     params: int
     size_mb: float
     layer_macs: Mapping[str, float]
+    uncounted_ops: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def mmacs_is_lower_bound(self) -> bool:
+        """True when an operator's MACs are missing from ``mmacs`` (see ``uncounted_ops``)."""
+        return bool(self.uncounted_ops)
+
+
+def mmacs_text(mmacs: float | None, uncounted_ops: Mapping[str, int] | None = None, fmt: str = ".2f") -> str:
+    """MACs (millions) for people: ``"at least 12.34"`` when some operator went uncounted.
+
+    Example:
+        >>> mmacs_text(12.3456), mmacs_text(12.3456, {"aten::scaled_dot_product_attention": 2})
+        ('12.35', 'at least 12.35')
+    """
+    if mmacs is None:
+        return "-"
+    text = format(float(mmacs), fmt)
+    return f"at least {text}" if uncounted_ops else text
 
 
 def model_cost(model: nn.Module, example_input: torch.Tensor, bits: Mapping[str, int]) -> Cost:
@@ -59,6 +94,8 @@ def model_cost(model: nn.Module, example_input: torch.Tensor, bits: Mapping[str,
         logging.getLogger("fvcore").setLevel(logging.ERROR)
         total = float(analysis.total())
         by_module = {k.removeprefix("model."): v for k, v in analysis.by_module().items()}
+        # warnings are off (they would print per trial), so what fvcore skipped is recorded instead
+        uncounted = {op: int(n) for op, n in sorted(analysis.unsupported_ops().items()) if op not in NO_MACS_OPS}
     finally:
         model.train(was_training)
     layer_macs = {name: float(by_module.get(name, 0.0)) for name in bits}
@@ -90,6 +127,7 @@ def model_cost(model: nn.Module, example_input: torch.Tensor, bits: Mapping[str,
         params=int(params),
         size_mb=nbytes / 1e6,
         layer_macs=layer_macs,
+        uncounted_ops=uncounted,
     )
 
 

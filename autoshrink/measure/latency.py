@@ -31,7 +31,7 @@ import torch
 
 from autoshrink import _batches
 
-__all__ = ["Latency", "LatencyMeter", "MachineLock", "measure_latency", "program_bytes"]
+__all__ = ["Latency", "LatencyMeter", "MachineLock", "fixed_threads", "measure_latency", "program_bytes", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Latency:
     p75_ms: float
     runs: int
     threads: int
+    p90_ms: float | None = None
 
 
 class MachineLock:
@@ -86,13 +87,37 @@ class MachineLock:
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def fixed_threads(n: int) -> Iterator[None]:
+    """Torch intra-op threads set to ``n`` inside the block (restored after)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def time_calls(
+    fn: Callable[[torch.Tensor], object],
+    x: torch.Tensor,
+    runs: int,
+    *,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Wall time in ms of each of ``runs`` calls ``fn(x)`` (no warm-up, no lock: the caller's).
+
+    ``timer`` is a seconds clock (``time.perf_counter``; tests pass a fake one).
+
+    Example:
+        >>> len(time_calls(torch.nn.Linear(8, 8), torch.randn(1, 8), 3))
+        3
+    """
+    times = []
+    for _ in range(runs):
+        start = timer()
+        _batches.call(fn, x)
+        times.append((timer() - start) * 1e3)
+    return times
 
 
 def measure_latency(
@@ -122,7 +147,7 @@ def measure_latency(
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     x = _batches.first(example_input, 1)
-    with _threads(threads), torch.inference_mode():
+    with fixed_threads(threads), torch.inference_mode():
         # compilation is heavy work: done under the shared lock, like training, so it never
         # disturbs another trial's timing; the timing itself then takes the lock exclusively
         with lock.training() if lock is not None else contextlib.nullcontext():
@@ -130,13 +155,10 @@ def measure_latency(
         with lock.measuring() if lock is not None else contextlib.nullcontext():
             for _ in range(warmup):
                 _batches.call(fn, x)
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                _batches.call(fn, x)
-                times.append((time.perf_counter() - start) * 1e3)
+            times = time_calls(fn, x, runs)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Latency(statistics.median(times), q[0], q[2], runs, threads)
+    p90 = statistics.quantiles(times, n=10)[8] if len(times) >= 2 else times[0]
+    return Latency(statistics.median(times), q[0], q[2], runs, threads, p90)
 
 
 def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor) -> bytes:
@@ -169,6 +191,7 @@ class LatencyMeter:
         from autoshrink import _env
 
         _env.configure()
+        self._lock_dir = lock_dir
         self._lock = MachineLock(lock_dir)
         self.measured = 0
 
@@ -202,3 +225,11 @@ class LatencyMeter:
     def count(self) -> int:
         """How many models this meter has timed."""
         return self.measured
+
+    def remeasure(self, programs: dict[str, bytes], example_input: torch.Tensor, **kwargs):
+        """Re-time shipped artifacts (``model.pt2`` bytes by name) on this machine, in a fresh
+        process, interleaved (:func:`autoshrink.measure.remeasure.remeasure_programs`)."""
+        from autoshrink.measure.remeasure import remeasure_programs
+
+        kwargs.setdefault("lock_dir", self._lock_dir)
+        return remeasure_programs(programs, example_input, **kwargs)

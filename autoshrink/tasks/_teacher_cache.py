@@ -27,6 +27,8 @@ def cached_teacher(
     train: Callable[[nn.Module], float],
     *,
     retrain_damaged: bool = False,
+    tag: str | None = None,
+    rescore: Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, float]:
     """The teacher cached at ``path``, or a new one trained and cached there.
 
@@ -36,6 +38,10 @@ def cached_teacher(
         train: trains the model in place and returns its validation accuracy in percent.
         retrain_damaged: an entry that cannot be loaded is deleted and the teacher trained again;
             by default it is refused with a :class:`TaskError`.
+        tag: what the stored accuracy was measured on (e.g. a validation-split version); an entry
+            with another tag keeps its weights (they depend on the training data only) and has
+            its accuracy taken again with ``rescore``, then stored with this tag.
+        rescore: measures a loaded teacher's validation accuracy (for ``tag``).
 
     Returns:
         ``(model, accuracy)``, the model in eval mode.
@@ -48,7 +54,7 @@ def cached_teacher(
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(saved["model"])
-            return model.eval(), float(saved["accuracy"])
+            accuracy = float(saved["accuracy"])
         except Exception as exc:  # never trust a damaged or tampered cache file
             if not retrain_damaged:
                 raise TaskError(
@@ -57,8 +63,15 @@ def cached_teacher(
                 ) from None
             path.unlink(missing_ok=True)
             model = build()  # the failed load may have filled part of it
+        else:
+            if rescore is not None and saved.get("tag") != tag:
+                accuracy = float(rescore(model.eval()))
+                with atomic_path(path) as tmp:
+                    torch.save({**saved, "accuracy": accuracy, "tag": tag}, tmp)
+            return model.eval(), accuracy
     start = time.perf_counter()
     accuracy = float(train(model))
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "accuracy": accuracy, "train_s": time.perf_counter() - start}, tmp)
+        torch.save({"model": model.state_dict(), "accuracy": accuracy, "tag": tag,
+                    "train_s": time.perf_counter() - start}, tmp)
     return model.eval(), accuracy

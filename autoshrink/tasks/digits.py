@@ -4,17 +4,20 @@ Data (all fixed and seeded, so every run and every machine sees the same samples
 
 1. scikit-learn's bundled UCI handwritten digits: 1,797 greyscale 8x8 images of 10 classes
    (shipped inside the scikit-learn wheel).
-2. A stratified split with ``random_state=0``: 1,347 training digits, 450 held-out digits.
-   Validation samples are made only from the held-out digits, so no validation image shares a
-   source digit with training.
+2. A stratified split with ``random_state=0``: 1,347 training digits, 450 held-out digits; the
+   held-out digits are split again, stratified and seeded, into 225 validation and 225 test
+   digits *before* any distorted copy is made. Validation and test samples are made only from
+   their own digits, so no image of one split shares a source digit with another split
+   (``DigitsData.*_digits`` give each sample's source digit).
 3. Each 8x8 digit is scaled to [0, 1], upscaled bilinearly to 24x24 and zero-padded to 32x32.
 4. Distortions, the same recipe for training and validation but different seeds: a random affine
    map (rotation ±25°, scale 0.8-1.15, shear ±0.2, shift ±4 px) then Gaussian blur-free pixel
    noise (σ = 0.25) and a random occluding 10x10 square on half of the samples. Clean digits
    saturate (a ResNet gets 99.7 % of 450, 0.28 pt per image); the distortions keep the teacher
-   off the ceiling and give ``VAL_COPIES`` x 450 = 4,500 validation samples, so accuracy
-   resolves ~0.5 pt (standard error at 95 % is 0.32 pt; copies of one source digit are
-   correlated, so treat that as a lower bound).
+   off the ceiling and give ``VAL_COPIES`` x 225 = 2,250 validation and ``TEST_COPIES`` x 225 =
+   2,250 test samples; at ~95 % a split's binomial standard error is ~0.46 pt (copies of one
+   source digit are correlated, so treat that as a lower bound). Early stopping and the choice
+   of the best trial use validation; test is scored once, for the front and the chosen model.
 5. Training set: ``TRAIN_COPIES`` distorted copies of each training digit (fixed: teacher logits
    for KD can then be computed once and cached).
 
@@ -45,16 +48,41 @@ __all__ = ["DigitsData", "digits_data", "digits_task", "train_teacher"]
 
 TRAIN_COPIES = 4
 VAL_COPIES = 10
+TEST_COPIES = 10
+HELD_OUT_DIGITS = 450
+TEST_DIGITS = 225  # of the held-out digits
 MEAN, STD = 0.1, 0.3
-DATA_VERSION = 1  # bump when the recipe above changes: cached teachers are keyed by it
+# bump when the training data's recipe changes: cached teachers are keyed by it (the teacher
+# trains on the training split alone, so the val/test split below does not change it)
+DATA_VERSION = 1
+# bump when the held-out split changes: a cached teacher's stored validation accuracy is then
+# recomputed on the new validation split (its weights stay valid)
+SPLIT_VERSION = 2
 
 
 class DigitsData:
-    """Train/val tensors of the digits task (see module docstring for the recipe)."""
+    """Train/val/test tensors of the digits task (see module docstring for the recipe).
 
-    def __init__(self, train: TensorDataset, val: TensorDataset) -> None:
+    ``train_digits``/``val_digits``/``test_digits`` hold, per sample, the index of its source
+    digit in scikit-learn's ``load_digits()`` (copies of one digit share it).
+    """
+
+    def __init__(
+        self,
+        train: TensorDataset,
+        val: TensorDataset,
+        test: TensorDataset | None = None,
+        *,
+        train_digits: torch.Tensor | None = None,
+        val_digits: torch.Tensor | None = None,
+        test_digits: torch.Tensor | None = None,
+    ) -> None:
         self.train = train
         self.val = val
+        self.test = test
+        self.train_digits = train_digits
+        self.val_digits = val_digits
+        self.test_digits = test_digits
 
 
 def _distort(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
@@ -85,24 +113,35 @@ def _distort(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
 
 
 def digits_data() -> DigitsData:
-    """Build the train/val datasets (about a second; deterministic)."""
+    """Build the train/val/test datasets (about a second; deterministic)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_val = train_test_split(
-        np.arange(len(labels)), test_size=450, stratify=digits.target, random_state=0
+    idx_train, idx_held = train_test_split(
+        np.arange(len(labels)), test_size=HELD_OUT_DIGITS, stratify=digits.target, random_state=0
+    )
+    # split the original digits, not their copies: no digit may be in both validation and test
+    idx_val, idx_test = train_test_split(
+        idx_held, test_size=TEST_DIGITS, stratify=digits.target[idx_held], random_state=0
     )
     big = F.interpolate(images, size=(24, 24), mode="bilinear", align_corners=False)
     big = F.pad(big, (4, 4, 4, 4))
-    tr, va = torch.as_tensor(idx_train), torch.as_tensor(idx_val)
+    tr, va, te = (torch.as_tensor(i) for i in (idx_train, idx_val, idx_test))
     x_train = _distort(big[tr], TRAIN_COPIES, seed=1)
     x_val = _distort(big[va], VAL_COPIES, seed=2)
-    y_train = labels[tr].repeat(TRAIN_COPIES)
-    y_val = labels[va].repeat(VAL_COPIES)
-    return DigitsData(TensorDataset(x_train, y_train), TensorDataset(x_val, y_val))
+    x_test = _distort(big[te], TEST_COPIES, seed=3)
+    # _distort stacks whole copies of the batch one after another: sample i is digit i % n
+    return DigitsData(
+        TensorDataset(x_train, labels[tr].repeat(TRAIN_COPIES)),
+        TensorDataset(x_val, labels[va].repeat(VAL_COPIES)),
+        TensorDataset(x_test, labels[te].repeat(TEST_COPIES)),
+        train_digits=tr.repeat(TRAIN_COPIES),
+        val_digits=va.repeat(VAL_COPIES),
+        test_digits=te.repeat(TEST_COPIES),
+    )
 
 
 def train_teacher(
@@ -164,13 +203,18 @@ def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progre
     data = digits_data()
     example = data.val[0][0].unsqueeze(0)
 
+    def score(teacher: nn.Module) -> float:
+        return Task(teacher, data.train, data.val, example).evaluate(teacher)[0]
+
     def train(teacher: nn.Module) -> float:
         train_teacher(teacher, data, epochs=epochs, progress=progress)
-        accuracy, _ = Task(teacher, data.train, data.val, example).evaluate(teacher)
-        return accuracy
+        return score(teacher)
 
     teacher, meta_acc = cached_teacher(
-        _teacher_path(model, epochs), lambda: models.create(model, num_classes=10, in_chans=1), train
+        _teacher_path(model, epochs), lambda: models.create(model, num_classes=10, in_chans=1), train,
+        # weights depend on the training split only; an accuracy taken on an older validation
+        # split is taken again on this one
+        tag=f"split-{SPLIT_VERSION}", rescore=score,
     )
     return Task(
         model=teacher,
@@ -180,7 +224,9 @@ def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progre
         name="digits" if model == "resnet18_32" else f"digits-{model}",
         teacher_accuracy=meta_acc,
         description=(
-            f"UCI digits (scikit-learn), 32x32, {len(data.train)} distorted training and "
-            f"{len(data.val)} distorted validation samples from 450 held-out digits; teacher {model}"
+            f"UCI digits (scikit-learn), 32x32, {len(data.train)} distorted training samples; "
+            f"{len(data.val)} validation and {len(data.test or ())} test samples from "
+            f"{HELD_OUT_DIGITS - TEST_DIGITS} and {TEST_DIGITS} disjoint held-out digits; teacher {model}"
         ),
+        test_data=data.test,
     )
