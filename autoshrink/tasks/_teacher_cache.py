@@ -1,6 +1,6 @@
 """Teachers trained here on first use: load the cached weights, or train, evaluate and save them.
 
-A cache entry is ``{"model": state_dict, "accuracy": float, "train_s": float}`` written through a
+A cache entry is ``{"model": state_dict, "accuracy": float, "tag": str | None, "train_s": float}`` written through a
 temporary file and ``os.replace``, and read with ``weights_only=True`` (a crafted file cannot run
 code). What to do with an entry that does not load is the caller's choice: refuse it with a
 :class:`~autoshrink.task.TaskError` that names the file, or delete it and train again.

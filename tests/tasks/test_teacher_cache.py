@@ -32,7 +32,7 @@ def test_trains_once_then_loads(tmp_path):
     again, acc2 = cached_teacher(path, _build, _trainer(calls))
     assert len(calls) == 1 and acc2 == 91.0  # loaded, not trained
     assert torch.equal(again.weight, torch.full((2, 3), 0.5))
-    assert set(torch.load(path, weights_only=True)) == {"model", "accuracy", "train_s"}
+    assert set(torch.load(path, weights_only=True)) == {"model", "accuracy", "tag", "train_s"}
 
 
 def test_a_damaged_entry_is_refused_by_default(tmp_path):
