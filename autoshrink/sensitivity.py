@@ -64,6 +64,7 @@ def sensitivity(
     by: str = "layer",
     space: SearchSpace | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Accuracy drop of each layer (or rule) compressed alone, at each bit-width and pruning ratio.
 
@@ -88,6 +89,9 @@ def sensitivity(
         space: the search space whose rules ``by="rule"`` measures (default: the bundled
             default space). Ignored for ``by="layer"``.
         progress: show a progress bar.
+        device: where the teacher and the pruned fp32 models are evaluated (``"cpu"``,
+            ``"cuda"``, ``"auto"``); quantized settings are lowered to int8 and evaluated on the
+            CPU, as deployed.
 
     Returns:
         A DataFrame with one row per (layer or rule, setting) and columns ``layer`` (the layer
@@ -155,7 +159,7 @@ def sensitivity(
 
     start = time.perf_counter()
     calibration = list(task.calibration_batches())  # reused for every quantized setting
-    teacher_accuracy, _ = task.evaluate(model.eval(), limit=limit)
+    teacher_accuracy, _ = task.evaluate(model.eval(), limit=limit, device=device)
     rows = []
     with _progress_bar(progress, len(jobs)) as advance:
         for label, own, kind, value in jobs:
@@ -165,7 +169,7 @@ def sensitivity(
                 with warnings.catch_warnings():
                     # torch.export/deepcopy internals warn about their own deprecations: noise
                     warnings.simplefilter("ignore", FutureWarning)
-                    accuracy, params = _measure(task, own, kind, value, calibration, limit)
+                    accuracy, params = _measure(task, own, kind, value, calibration, limit, device)
             except Exception as exc:  # one layer failing must not lose the others' results
                 warnings.warn(
                     f"sensitivity: {label} at {setting} failed ({type(exc).__name__}: {exc}); "
@@ -201,6 +205,7 @@ def _measure(
     value: float,
     calibration: list,
     limit: int | None,
+    device: str = "cpu",
 ) -> tuple[float, int]:
     """Accuracy and parameter count with ``layers`` alone set to ``value`` bits or prune ratio."""
     from autoshrink.compress import compress
@@ -212,12 +217,13 @@ def _measure(
         compressed = compress(task.model, candidate, x)
         prepared = prepare_ptq(compressed.pruned, candidate, x, calibration)
         model: nn.Module | Callable = lower(prepared)
+        device = "cpu"  # the int8 model runs where it is deployed
     else:
         candidate = Candidate(prune={n: float(value) for n in layers}, default_bits=32)
         compressed = compress(task.model, candidate, x)
         model = compressed.pruned.eval()
     params = sum(p.numel() for p in compressed.pruned.parameters())
-    accuracy, _ = task.evaluate(model, limit=limit)
+    accuracy, _ = task.evaluate(model, limit=limit, device=device)
     return float(accuracy), int(params)
 
 

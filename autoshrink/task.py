@@ -102,12 +102,18 @@ class Task:
         self.num_classes = int(out.shape[1])
 
     # -- data ---------------------------------------------------------------------------------------
-    def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0,
+               device: str | torch.device = "cpu") -> DataLoader:
+        """A loader over the train or val data (a user's own DataLoader is returned as given);
+        worker processes and pinned memory as :func:`autoshrink.device.loader_options` says."""
+        from autoshrink.device import loader_options
+
         data = self.train_data if which == "train" else self.val_data
         if isinstance(data, DataLoader):
             return data
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False,
+                          **loader_options(data, device))
 
     def calibration_batches(self, n: int = 4, batch_size: int = 32) -> Iterator[torch.Tensor]:
         """A few training inputs for PTQ observers (deterministic)."""
@@ -124,6 +130,7 @@ class Task:
         limit: int | None = None,
         fixed_batch: bool = False,
         guard: Callable[[], AbstractContextManager] | None = None,
+        device: str | torch.device = "cpu",
     ) -> tuple[float, float | None]:
         """The metric of ``model`` on the validation data, with its standard error when the
         metric is the default top-1 accuracy (binomial: sqrt(p(1-p)/n), in points).
@@ -135,23 +142,39 @@ class Task:
                 (one compilation instead of two); padded rows are dropped before scoring.
             guard: a context-manager factory held around each batch (the machine lock's shared
                 side during a search).
+            device: where to run (``"cpu"``, ``"cuda"``, ...; see
+                :func:`autoshrink.device.resolve_device`). Batches are moved there; an
+                ``nn.Module`` is moved there for the evaluation and back to where it was after.
+                A compiled CPU model (the lowered int8 one) is evaluated with the default CPU.
         """
+        from autoshrink.device import model_device, resolve_device
+
+        dev = resolve_device(device)
         hold = guard or contextlib.nullcontext
+        home = model_device(model) if isinstance(model, nn.Module) and dev.type != "cpu" else None
+        if home is not None:
+            model.to(dev)
         logits, targets = [], []
         seen = 0
-        with torch.no_grad():
-            for x, y in self.loader("val", batch_size, shuffle=False):
-                if limit is not None and seen >= limit:
-                    break
-                if limit is not None:
-                    x, y = x[: limit - seen], y[: limit - seen]
-                n = len(x)
-                if fixed_batch and n < batch_size:
-                    x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-                with hold():
-                    logits.append(model(x)[:n].float())
-                targets.append(y)
-                seen += len(y)
+        try:
+            with torch.no_grad():
+                for x, y in self.loader("val", batch_size, shuffle=False, device=dev):
+                    if limit is not None and seen >= limit:
+                        break
+                    if limit is not None:
+                        x, y = x[: limit - seen], y[: limit - seen]
+                    n = len(x)
+                    if fixed_batch and n < batch_size:
+                        x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+                    if dev.type != "cpu":
+                        x = x.to(dev, non_blocking=True)
+                    with hold():
+                        logits.append(model(x)[:n].float().cpu())
+                    targets.append(y)
+                    seen += len(y)
+        finally:
+            if home is not None:
+                model.to(home)
         out, tgt = torch.cat(logits), torch.cat(targets)
         if self.metric is None:
             acc = top1_accuracy(out, tgt)
