@@ -7,10 +7,11 @@ device for the work and back to where they were afterwards.
 
 Mixed precision: on CUDA, the teacher's forward (no gradient, only soft targets) and a student
 with no fake-quant run under bf16 autocast. A student with fake-quant runs in fp32 entirely:
-under autocast, torchao's PT2E fake-quant receives bf16 activations and fails
-(``fused_moving_avg_obs_fake_quant``: "expected scalar type Float but found BFloat16", seen
-with CPU autocast on torch 2.13 / torchao 0.18), and casting only the fake-quant back to fp32
-would leave the quantized layers' arithmetic in bf16, which is not what int8 deployment does.
+under autocast, a quantized conv or linear without BatchNorm after it hands torchao's PT2E
+activation fake-quant a bf16 tensor, and it fails (``fused_moving_avg_obs_fake_quant``:
+"expected scalar type Float but found BFloat16", with CPU autocast on torch 2.13 / torchao
+0.18; a test checks it); where BatchNorm follows, it runs, but the quantized layers' arithmetic
+is then bf16, which is not what int8 deployment computes.
 On the CPU nothing is autocast (the CPU path is unchanged).
 
 This module imports torch only; CUDA is queried only when a CUDA device is asked for.
@@ -68,6 +69,9 @@ class TrialOOM(RuntimeError):
             f"{reason}; use a smaller batch_size, or give each trial more of a GPU (a larger "
             "--gpus-per-trial, fewer trials per GPU)"
         )
+
+    def __reduce__(self):  # rebuilt from its fields, so it travels back from Ray workers
+        return type(self), (self.device, self.step, self.batch_size, self.reason)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -159,8 +163,7 @@ def autocast(device: str | torch.device, *, enabled: bool = True) -> contextlib.
         ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
         torch.float32
     """
-    dev = resolve_device(device)
-    if not enabled or dev.type != "cuda" or not torch.cuda.is_bf16_supported():
+    if not enabled or resolve_device(device).type != "cuda" or not torch.cuda.is_bf16_supported():
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
