@@ -1,0 +1,139 @@
+"""``imagefolder:DIR`` is streamed: only the file list is read up front, images are decoded when
+iterated, and memory does not grow with the number of images."""
+
+from __future__ import annotations
+
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from autoshrink.data import load_data, read_imagefolder
+from autoshrink.task import TaskError
+from autoshrink.tasks.imagefolder import IMAGENET_MEAN, IMAGENET_STD, STATS_SAMPLE, ImageFolderDataset
+from autoshrink.tasks.transforms import EvalTransform
+
+
+def _folder(root, n: int, classes=("ant", "bee"), size=(12, 16)):
+    """``n`` small images over ``classes``, PNG and JPEG alternating, class-dependent brightness."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        c = i % len(classes)
+        pixels = (rng.integers(0, 100, (*size, 3)) + 100 * c).astype(np.uint8)
+        suffix = "png" if i % 2 == 0 else "jpg"
+        Image.fromarray(pixels).save(root / classes[c] / f"{i:05d}.{suffix}")
+    return root
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Counts PIL.Image.open calls."""
+    from PIL import Image
+
+    calls = []
+    real = Image.open
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
+    return calls
+
+
+def test_no_image_is_opened_before_iteration(tmp_path, opens):
+    root = _folder(tmp_path / "img", 60)
+    data = read_imagefolder(root, size=(224, 224), normalize="imagenet", num_workers=0)
+    assert opens == []  # only the file list was read
+    assert len(data.train) + len(data.val) == 60 and data.classes == ["ant", "bee"]
+    loader = DataLoader(data.train, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    x, y = next(batches)
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert len(opens) == 4  # one per image read
+    next(batches)
+    assert len(opens) == 8
+    vx, _ = next(iter(DataLoader(data.val, batch_size=3)))
+    assert vx.shape == (3, 3, 224, 224) and len(opens) == 11
+
+
+def test_the_normalisation_sample_is_bounded_and_recorded(tmp_path, opens):
+    root = _folder(tmp_path / "img", 400)
+    data = read_imagefolder(root, size=(48, 48), num_workers=0)  # normalize="train"
+    assert len(opens) == STATS_SAMPLE < len(data.train)  # a fixed sample, not the folder
+    assert data.normalize == "train" and len(data.mean) == len(data.std) == 3
+    again = read_imagefolder(root, size=(48, 48), num_workers=0)
+    assert (again.mean, again.std) == (data.mean, data.std)  # seeded sample: the same estimate
+    assert "mean [" in data.description and "streamed from disk" in data.description
+    # the eval transform of (every 5th) training image, standardised by it, is ~N(0, 1) per channel
+    samples = list(zip(data.train.paths, data.train.targets, strict=True))[::5]
+    plain = ImageFolderDataset(samples, EvalTransform(48), mean=data.mean, std=data.std)
+    xs = torch.stack([plain[i][0] for i in range(len(plain))])
+    assert xs.mean().abs() < 0.15 and abs(xs.std() - 1) < 0.15
+    imnet = read_imagefolder(root, size=(32, 32), normalize="imagenet")
+    assert (imnet.mean, imnet.std, imnet.normalize) == (IMAGENET_MEAN, IMAGENET_STD, "imagenet")
+    grey = read_imagefolder(root, in_chans=1, size=(32, 32), normalize="imagenet")
+    assert grey.mean == pytest.approx((sum(IMAGENET_MEAN) / 3,)) and grey.train[0][0].shape == (1, 32, 32)
+
+
+def _peak(root, n_batches: int = 3) -> int:
+    tracemalloc.start()
+    try:
+        data = read_imagefolder(root, size=(224, 224), normalize="imagenet", num_workers=0)
+        for i, _batch in enumerate(DataLoader(data.train, batch_size=8, shuffle=True)):
+            if i + 1 >= n_batches:
+                break
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
+    small = _folder(tmp_path / "small", 200)
+    large = _folder(tmp_path / "large", 2000)
+    _peak(small, 1)  # warm imports and caches outside the measurement
+    peak_small, peak_large = _peak(small), _peak(large)
+    decoded = 2000 * 3 * 224 * 224  # the folder decoded at 224x224 in uint8: ~300 MB
+    # the 1,800 extra images cost their file list (paths, labels), not their pixels
+    assert peak_large - peak_small < 4_000_000, (peak_small, peak_large)
+    assert peak_large < decoded / 20, (peak_large, decoded)
+
+
+def test_augmented_batches_are_seeded_also_with_workers(tmp_path):
+    data = read_imagefolder(_folder(tmp_path / "img", 40), size=(24, 24), normalize="imagenet", num_workers=1)
+
+    def first(seed: int, global_seed: int, workers: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        loader = DataLoader(data.train, batch_size=6, shuffle=True, num_workers=workers,
+                            generator=torch.Generator().manual_seed(seed))
+        return next(iter(loader))[0]
+
+    assert torch.equal(first(0, 0, 0), first(0, 0, 0))  # in-process: the torch seed decides
+    with_workers = first(3, 0, 1)
+    assert torch.equal(with_workers, first(3, 99, 1))  # a worker is seeded from the loader's generator
+    assert not torch.equal(with_workers, first(4, 0, 1))
+
+
+def test_streamed_data_travels_and_errors_name_the_file(tmp_path):
+    root = _folder(tmp_path / "img", 20)
+    data = read_imagefolder(root, size=(16, 16), normalize="imagenet")
+    copy = pickle.loads(pickle.dumps(data.val))  # what Ray ships to a worker: paths, not pixels
+    assert torch.equal(copy[0][0], data.val[0][0]) and copy.paths == data.val.paths
+    assert all(p.startswith("/") for p in data.train.paths)  # absolute: workers may run elsewhere
+    (root / "bee" / "zz-broken.png").write_bytes(b"not a png")
+    broken = read_imagefolder(root, size=(16, 16), normalize="imagenet")
+    split = broken.train if any("zz-broken" in p for p in broken.train.paths) else broken.val
+    index = next(i for i, p in enumerate(split.paths) if "zz-broken" in p)
+    with pytest.raises(TaskError, match=r"imagefolder:.*img: cannot read .*zz-broken\.png"):
+        split[index]
+    with pytest.raises(TaskError, match=r"--normalize 'cifar': expected one of \['train', 'imagenet'\]"):
+        load_data(f"imagefolder:{root}", normalize="cifar")
+    with pytest.raises(ValueError, match="num_workers"):
+        read_imagefolder(root, num_workers=-1)
