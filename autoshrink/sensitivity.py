@@ -103,7 +103,8 @@ def sensitivity(
 
     Raises:
         ValueError: an unknown ``by``; a bit-width or ratio that is not allowed; a ``layers``
-            pattern that matches no quantizable layer; a ``limit`` below 1; nothing to measure.
+            pattern that matches no quantizable layer; a ``limit`` below 1; nothing to measure;
+            a ``device`` that is unknown or not available (``autoshrink.device.DeviceError``).
         autoshrink.SpaceError: (a ValueError) a rule of ``space`` that matches no layer.
 
     Example:
@@ -115,7 +116,9 @@ def sensitivity(
     """
     from autoshrink.compress.prune import find_head
     from autoshrink.compress.quantize import quantizable_layers
+    from autoshrink.device import resolve_device
 
+    resolve_device(device)  # a bad or unavailable device fails here, before any measuring
     if by not in _BY:
         raise ValueError(f"by must be one of {list(_BY)}, got {by!r}")
     bit_values = _check_bits(bits)

@@ -77,6 +77,29 @@ def test_auto_and_indices_with_cuda(fake_cuda):
         resolve_device("cuda:3")
 
 
+def test_every_entry_point_refuses_cuda_without_it(no_cuda):
+    from types import SimpleNamespace
+
+    from autoshrink import Task, sensitivity
+    from autoshrink.compress.distill import teacher_logits
+    from autoshrink.tasks.digits import train_teacher
+
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    model = nn.Linear(4, 2)
+    task = Task(model=model, train_data=data, val_data=data, example_input=torch.randn(1, 4))
+    calls = [
+        lambda: task.evaluate(model, device="cuda"),
+        lambda: finetune(copy.deepcopy(model), task, Candidate.uniform(bits=32, steps=2), device="cuda"),
+        lambda: teacher_logits(model, data, cache=False, device="cuda"),
+        lambda: train_teacher(model, SimpleNamespace(train=data), epochs=1, progress=False, device="cuda"),
+        lambda: sensitivity(task, device="cuda", progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(DeviceError, match=r"^--device cuda: CUDA is not available here"):
+            call()
+    assert model_device(model).type == "cpu"
+
+
 # -- helpers ----------------------------------------------------------------------------------
 def test_autocast_and_deterministic_leave_the_cpu_alone():
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)

@@ -138,3 +138,39 @@ def test_streamed_data_travels_and_errors_name_the_file(tmp_path):
         load_data(f"imagefolder:{root}", normalize="cifar")
     with pytest.raises(ValueError, match="num_workers"):
         read_imagefolder(root, num_workers=-1)
+
+
+@pytest.mark.slow
+def test_a_224_model_on_a_folder_of_thousands_of_images_end_to_end(tmp_path):
+    """One real trial (prune + int8 QAT fine-tune + lowered int8 accuracy) of a 224x224 model on
+    2,000 streamed images."""
+    import torch.nn as nn
+
+    from autoshrink import Budget, Candidate
+    from autoshrink.tasks.custom import custom_task
+    from autoshrink.trial import State, TrialContext, evaluate
+
+    class Net(nn.Module):
+        default_cfg = {"input_size": (3, 224, 224)}
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 7, stride=4, padding=3)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.layer1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=4, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, x):
+            x = self.layer1(torch.relu(self.bn1(self.conv1(x))))
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    root = _folder(tmp_path / "img", 2000)
+    task = custom_task(Net().eval(), f"imagefolder:{root}", num_workers=0)
+    assert task.example_input.shape == (1, 3, 224, 224) and len(task.val_data) == 400
+    teacher, _ = task.evaluate(task.model, batch_size=100)
+    result = evaluate(task, Candidate.uniform(bits=8, prune=0.25, steps=4, batch_size=8), Budget(),
+                      TrialContext(latency_runs=0))
+    assert result.state == State.COMPLETE and result.accuracy is not None, result.error
+    assert 0.0 <= result.accuracy <= 100.0 and 0.0 <= teacher <= 100.0
+    assert result.layers and result.layers[0]["channels_after"] < result.layers[0]["channels_before"]
