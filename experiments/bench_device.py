@@ -101,10 +101,10 @@ def main() -> None:
         side, batch = CASES[name][1], args.batch_size or CASES[name][3]
         cells = []
         for device in ("cpu", "cuda"):
-            if args.only and device != args.only:
-                cells.append("not run")
-            elif device == "cuda" and not has_cuda:
+            if device == "cuda" and not has_cuda:
                 cells.append("n/a: no CUDA")
+            elif args.only and device != args.only:
+                cells.append("not run")
             else:
                 s = seconds_per_step(name, device, steps=args.steps, warmup=args.warmup, bits=args.bits,
                                      batch_size=args.batch_size)
