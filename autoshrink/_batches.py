@@ -91,6 +91,13 @@ def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor]:
     )
 
 
+def to(inputs: Inputs, device: Any, *, non_blocking: bool = False) -> Inputs:
+    """``inputs`` moved to ``device`` (each tensor of a dict batch)."""
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=non_blocking)
+
+
 def batch_size(inputs: Inputs) -> int:
     """Rows in a tensor input, or in the first tensor of a mapping."""
     if isinstance(inputs, Mapping):

@@ -1,14 +1,19 @@
 """Readers for your own image data: ``imagefolder:DIR`` and ``cifar10:DIR``.
 
-Both give an :class:`ImageData` (train and validation :class:`ImageTensors`, the class names and a
-content hash), ready for :class:`autoshrink.Task`.
+Both give an :class:`ImageData` (train and validation datasets, the class names, a hash and the
+normalisation used), ready for :class:`autoshrink.Task`.
 
-- ``imagefolder:DIR``: one sub-folder per class (``DIR/cat/*.png``, ``DIR/dog/*.jpg``), read with
-  Pillow, resized to the model's input size, greyscale or RGB by the model's input channels. A
-  fixed, seeded, stratified split holds out ``val_fraction`` of each class for validation.
-  Pixels are scaled to [0, 1] and standardised per channel with the *training* split's mean
-  and std (if your model was trained with other preprocessing, build the datasets yourself and
-  pass them to :class:`autoshrink.Task`).
+- ``imagefolder:DIR``: one sub-folder per class (``DIR/cat/*.png``, ``DIR/dog/*.jpg``),
+  **streamed**: only the file list is read up front, and each image is decoded with Pillow when
+  it is used (:class:`~autoshrink.tasks.imagefolder.ImageFolderDataset`), so a folder of any
+  size fits. Greyscale or RGB by the model's input channels. A fixed, seeded, stratified split
+  holds out ``val_fraction`` of each class for validation. Training images get the usual
+  augmentation (random resized crop to the input size, horizontal flip: kornia); validation
+  images are resized and centre-cropped (:mod:`autoshrink.tasks.transforms`). Pixels are scaled
+  to [0, 1] and standardised per channel, with the mean/std estimated on a fixed sample of 256
+  training images (``normalize="train"``) or ImageNet's (``normalize="imagenet"``); if your
+  model was trained with other preprocessing, build the datasets yourself and pass them to
+  :class:`autoshrink.Task`.
 - ``cifar10:DIR``: the CIFAR-10 "python version" (``data_batch_1`` ... ``data_batch_5``,
   ``test_batch``, ``batches.meta``; DIR may also be the folder that contains
   ``cifar-10-batches-py``). Training data is the five training batches, validation the test
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from autoshrink.task import TaskError
 
@@ -85,17 +91,27 @@ class ImageData:
     """Train/validation images of one data source.
 
     Attributes:
-        train, val: the datasets.
+        train, val: the datasets (:class:`ImageTensors` in memory for CIFAR-10, streamed
+            :class:`~autoshrink.tasks.imagefolder.ImageFolderDataset` for an image folder).
         classes: class names; label ``i`` is ``classes[i]``.
-        digest: hash of the decoded pixels and labels (keys cached teachers to the data).
+        digest: hash of the decoded pixels and labels (CIFAR-10: keys cached teachers to the
+            data), or of the file list, sizes and settings (an image folder).
         description: one line for the run report.
+        mean, std: the per-channel standardisation applied (for the run record).
+        normalize: where ``mean``/``std`` came from: ``"train"`` (estimated on training
+            images), ``"imagenet"``, ``"cifar10"``.
+        input_size: ``(height, width)`` of the images the datasets return.
     """
 
-    train: ImageTensors
-    val: ImageTensors
+    train: Dataset
+    val: Dataset
     classes: list[str]
     digest: str
     description: str
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    normalize: str = ""
+    input_size: tuple[int, int] = (32, 32)
 
 
 def load_data(
@@ -105,14 +121,18 @@ def load_data(
     size: tuple[int, int] = (32, 32),
     val_fraction: float = 0.2,
     seed: int = 0,
+    normalize: str = "train",
+    augment: bool = True,
+    num_workers: int | None = None,
 ) -> ImageData:
     """Read ``imagefolder:DIR`` or ``cifar10:DIR``.
 
     Args:
         spec: ``scheme:DIR``.
         in_chans: 1 (greyscale) or 3 (RGB), the model's input channels.
-        size: ``(height, width)`` images are resized to (imagefolder only; CIFAR is 32x32).
+        size: ``(height, width)`` images are cropped to (imagefolder only; CIFAR is 32x32).
         val_fraction, seed: the imagefolder validation split.
+        normalize, augment, num_workers: imagefolder only, see :func:`read_imagefolder`.
 
     Raises:
         TaskError: unknown scheme, missing or empty folder, unreadable file.
@@ -129,7 +149,7 @@ def load_data(
                         f"{', '.join(s + ':DIR' for s in SCHEMES)}")
     if scheme == "imagefolder":
         return read_imagefolder(path, in_chans=in_chans, size=size, val_fraction=val_fraction,
-                                seed=seed)
+                                seed=seed, normalize=normalize, augment=augment, num_workers=num_workers)
     if size != (32, 32):
         raise TaskError(f"--data {spec!r}: CIFAR-10 images are 32x32 but the model expects "
                         f"{size[0]}x{size[1]}")
@@ -144,20 +164,62 @@ def read_imagefolder(
     size: tuple[int, int] = (32, 32),
     val_fraction: float = 0.2,
     seed: int = 0,
+    normalize: str = "train",
+    augment: bool = True,
+    num_workers: int | None = None,
+    crop_fraction: float = 0.875,
 ) -> ImageData:
-    """Class sub-folders of images, resized and split (see the module docstring).
+    """Class sub-folders of images, streamed from disk and split (see the module docstring).
+
+    Only the file list is read here, plus the (at most) 256 training images the mean/std are
+    estimated on when ``normalize="train"``; every other image is opened when it is read.
+
+    Args:
+        root: the folder of class sub-folders.
+        in_chans: 1 (greyscale) or 3 (RGB).
+        size: ``(height, width)`` the datasets return (``--input-size``; the model's input).
+        val_fraction, seed: the stratified validation split (the seed also picks the
+            normalisation sample).
+        normalize: ``"train"`` (per-channel mean/std of a fixed sample of training images,
+            after the validation transform) or ``"imagenet"`` (ImageNet's constants; greyscale:
+            their average).
+        augment: random resized crop + flip for training images (False: the validation
+            transform for both, e.g. for data where a flip changes the class).
+        num_workers: DataLoader worker processes decoding images (None: automatic, see
+            :func:`autoshrink.device.loader_options`; 0: decode in the training process).
+        crop_fraction: the validation centre crop's share of the resized image (0.875: 224 of 256).
+
+    Raises:
+        TaskError: missing or empty folder, a single class, too few images to split, an
+            unreadable image among the normalisation sample (others: when read), a bad
+            ``normalize``.
 
     Example:
         >>> data = read_imagefolder("photos", in_chans=1, size=(28, 28))  # doctest: +SKIP
         >>> data.classes                                                   # doctest: +SKIP
         ['cat', 'dog']
     """
-    from PIL import Image, UnidentifiedImageError
+    from autoshrink.tasks.imagefolder import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        NORMALIZE_CHOICES,
+        ImageFolderDataset,
+        estimate_mean_std,
+    )
+    from autoshrink.tasks.transforms import EvalTransform, TrainTransform, input_hw
 
     root = Path(root)
+    where = f"imagefolder:{root}"
     mode = _pil_mode(in_chans)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if normalize not in NORMALIZE_CHOICES:
+        raise TaskError(f"--normalize {normalize!r}: expected one of {list(NORMALIZE_CHOICES)} (train: "
+                        "mean/std estimated on the training images; imagenet: ImageNet's constants)")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers must be None or an integer >= 0, got {num_workers!r}")
+    height, width = input_hw(size)
     if not root.is_dir():
         raise TaskError(f"imagefolder:{root}: no such folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -174,36 +236,43 @@ def read_imagefolder(
     if len(classes) < 2:
         raise TaskError(f"imagefolder:{root}: only one class folder ({classes[0]!r}); a "
                         "classifier needs at least two")
-    height, width = size
-    images, labels = [], []
-    for label, paths in enumerate(files):
-        for path in paths:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert(mode).resize((width, height), Image.BILINEAR)
-                    arr = np.asarray(img, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise TaskError(f"imagefolder:{root}: cannot read {path}: {exc}") from exc
-            images.append(arr.reshape(height, width, in_chans))
-            labels.append(label)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor(labels, dtype=torch.long)
+    # absolute: Ray and DataLoader workers may run in another folder
+    paths = [os.path.abspath(p) for found in files for p in found]
+    y = torch.tensor([label for label, found in enumerate(files) for _ in found], dtype=torch.long)
     train_idx, val_idx = _stratified_split(y, val_fraction, seed)
     if len(val_idx) == 0:
-        raise TaskError(f"imagefolder:{root}: too few images to hold any out for validation "
+        raise TaskError(f"{where}: too few images to hold any out for validation "
                         f"({len(y)} images, val_fraction={val_fraction})")
-    xt = x[train_idx].float() / 255.0
-    mean = xt.mean(dim=(0, 2, 3)).tolist()
-    std = xt.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    digest = _digest(x, y, extra=f"imagefolder-{classes}-{val_fraction}-{seed}")
+    train_samples = [(paths[i], int(y[i])) for i in train_idx.tolist()]
+    val_samples = [(paths[i], int(y[i])) for i in val_idx.tolist()]
+    eval_tf = EvalTransform((height, width), crop_fraction=crop_fraction)
+    if normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if in_chans == 1:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    else:
+        mean, std = estimate_mean_std([p for p, _ in train_samples], mode, eval_tf, seed=seed, where=where)
+    train_tf = TrainTransform((height, width)) if augment else eval_tf
+    digest = _files_digest(root, paths, y, extra=f"imagefolder-{classes}-{val_fraction}-{seed}-{mode}-"
+                                                 f"{height}x{width}-{normalize}-{augment}-{crop_fraction}")
+    norm = ("the mean/std of a sample of training images" if normalize == "train" else "ImageNet's mean/std")
+    norm += f" (mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]})"
+    aug = "random resized crop + flip for training, " if augment else ""
     return ImageData(
-        train=ImageTensors(x[train_idx], y[train_idx], mean, std),
-        val=ImageTensors(x[val_idx], y[val_idx], mean, std),
+        train=ImageFolderDataset(train_samples, train_tf, mode=mode, mean=mean, std=std,
+                                 num_workers=num_workers, where=where),
+        val=ImageFolderDataset(val_samples, eval_tf, mode=mode, mean=mean, std=std,
+                               num_workers=num_workers, where=where),
         classes=classes,
         digest=digest,
-        description=(f"imagefolder {root}: {len(classes)} classes, {len(train_idx)} training and "
-                     f"{len(val_idx)} validation images ({val_fraction:.0%} of each class, seed "
-                     f"{seed}), {mode} {height}x{width}, standardised with the training mean/std"),
+        description=(f"imagefolder {root}: {len(classes)} classes, {len(train_samples)} training and "
+                     f"{len(val_samples)} validation images ({val_fraction:.0%} of each class, seed "
+                     f"{seed}), streamed from disk, {mode} {height}x{width} ({aug}resize + centre crop "
+                     f"{crop_fraction:g} for validation), standardised with {norm}"),
+        mean=tuple(mean),
+        std=tuple(std),
+        normalize=normalize,
+        input_size=(height, width),
     )
 
 
@@ -227,6 +296,16 @@ def _stratified_split(labels: torch.Tensor, val_fraction: float, seed: int):
         val.extend(idx[:n_val].tolist())
         train.extend(idx[n_val:].tolist())
     return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)
+
+
+def _files_digest(root: Path, paths: list[str], y: torch.Tensor, extra: str = "") -> str:
+    """Hash of the file list (paths relative to ``root`` and byte sizes), labels and settings:
+    what identifies a streamed folder without decoding it."""
+    h = hashlib.sha1(extra.encode())
+    for p in paths:
+        h.update(f"{Path(p).relative_to(root.absolute()).as_posix()}\0{os.path.getsize(p)}\0".encode())
+    h.update(y.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _digest(x: torch.Tensor, y: torch.Tensor, extra: str = "") -> str:
@@ -284,6 +363,10 @@ def read_cifar10(root: str | Path, *, in_chans: int = 3) -> ImageData:
                      f"{len(val_y)} validation images (test_batch), "
                      f"{'RGB' if in_chans == 3 else 'greyscale'} 32x32, "
                      f"{'CIFAR-10' if in_chans == 3 else 'training'} mean/std"),
+        mean=tuple(mean),
+        std=tuple(std),
+        normalize="cifar10" if in_chans == 3 else "train",
+        input_size=(32, 32),
     )
 
 

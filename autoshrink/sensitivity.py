@@ -67,6 +67,7 @@ def sensitivity(
     by: str = "layer",
     space: SearchSpace | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Accuracy drop of each layer (or rule) compressed alone, at each bit-width and pruning ratio.
 
@@ -91,6 +92,9 @@ def sensitivity(
         space: the search space whose rules ``by="rule"`` measures (default: the bundled
             default space). Ignored for ``by="layer"``.
         progress: show a progress bar.
+        device: where the teacher and the pruned fp32 models are evaluated (``"cpu"``,
+            ``"cuda"``, ``"auto"``); quantized settings are lowered to int8 and evaluated on the
+            CPU, as deployed.
 
     Returns:
         A DataFrame with one row per (layer or rule, setting) and columns ``layer`` (the layer
@@ -102,7 +106,8 @@ def sensitivity(
 
     Raises:
         ValueError: an unknown ``by``; a bit-width or ratio that is not allowed; a ``layers``
-            pattern that matches no quantizable layer; a ``limit`` below 1; nothing to measure.
+            pattern that matches no quantizable layer; a ``limit`` below 1; nothing to measure;
+            a ``device`` that is unknown or not available (``autoshrink.device.DeviceError``).
         autoshrink.SpaceError: (a ValueError) a rule of ``space`` that matches no layer.
 
     Example:
@@ -114,7 +119,9 @@ def sensitivity(
     """
     from autoshrink.compress.prune import find_head
     from autoshrink.compress.quantize import quantizable_layers
+    from autoshrink.device import resolve_device
 
+    resolve_device(device)  # a bad or unavailable device fails here, before any measuring
     if by not in _BY:
         raise ValueError(f"by must be one of {list(_BY)}, got {by!r}")
     bit_values = _check_bits(bits)
@@ -158,7 +165,7 @@ def sensitivity(
 
     start = time.perf_counter()
     calibration = list(task.calibration_batches())  # reused for every quantized setting
-    teacher_accuracy, _ = task.evaluate(model.eval(), limit=limit)
+    teacher_accuracy, _ = task.evaluate(model.eval(), limit=limit, device=device)
     rows = []
     with _progress_bar(progress, len(jobs)) as advance:
         for label, own, kind, value in jobs:
@@ -168,7 +175,7 @@ def sensitivity(
                 with warnings.catch_warnings():
                     # torch.export/deepcopy internals warn about their own deprecations: noise
                     warnings.simplefilter("ignore", FutureWarning)
-                    accuracy, params = _measure(task, own, kind, value, calibration, limit)
+                    accuracy, params = _measure(task, own, kind, value, calibration, limit, device)
             except Exception as exc:  # one layer failing must not lose the others' results
                 warnings.warn(
                     f"sensitivity: {label} at {setting} failed ({type(exc).__name__}: {exc}); "
@@ -204,6 +211,7 @@ def _measure(
     value: float,
     calibration: list,
     limit: int | None,
+    device: str = "cpu",
 ) -> tuple[float, int]:
     """Accuracy and parameter count with ``layers`` alone set to ``value`` bits or prune ratio."""
     from autoshrink.compress import compress
@@ -215,12 +223,13 @@ def _measure(
         compressed = compress(task.model, candidate, x)
         prepared = prepare_ptq(compressed.pruned, candidate, x, calibration)
         model: nn.Module | Callable = lower(prepared)
+        device = "cpu"  # the int8 model runs where it is deployed
     else:
         candidate = Candidate(prune={n: float(value) for n in layers}, default_bits=32)
         compressed = compress(task.model, candidate, x)
         model = compressed.pruned.eval()
     params = sum(p.numel() for p in compressed.pruned.parameters())
-    accuracy, _ = task.evaluate(model, limit=limit)
+    accuracy, _ = task.evaluate(model, limit=limit, device=device)
     return float(accuracy), int(params)
 
 

@@ -119,12 +119,18 @@ class Task:
         self.num_classes = int(out.shape[1])
 
     # -- data ---------------------------------------------------------------------------------------
-    def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    def loader(self, which: str, batch_size: int, *, shuffle: bool, seed: int = 0,
+               device: str | torch.device = "cpu") -> DataLoader:
+        """A loader over the train, val or test data (a user's own DataLoader is returned as
+        given); worker processes and pinned memory as :func:`autoshrink.device.loader_options` says."""
+        from autoshrink.device import loader_options
+
         data = self._split(which)
         if isinstance(data, DataLoader):
             return data
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False,
+                          **loader_options(data, device))
 
     def _split(self, which: str) -> Dataset | DataLoader:
         if which == "test":
@@ -154,6 +160,7 @@ class Task:
         fixed_batch: bool = False,
         guard: Callable[[], AbstractContextManager] | None = None,
         split: str = "val",
+        device: str | torch.device = "cpu",
     ) -> tuple[float, float | None]:
         """The metric of ``model`` on the validation data (or ``split``), with its standard error
         when the metric is the default top-1 accuracy (binomial: sqrt(p(1-p)/n), in points).
@@ -171,24 +178,40 @@ class Task:
         Raises:
             TaskError: ``split="test"`` on a task without ``test_data``, an unknown split, or a
                 metric that returns NaN or infinity.
+            device: where to run (``"cpu"``, ``"cuda"``, ...; see
+                :func:`autoshrink.device.resolve_device`). Batches are moved there; an
+                ``nn.Module`` is moved there for the evaluation and back to where it was after.
+                A compiled CPU model (the lowered int8 one) is evaluated with the default CPU.
         """
+        from autoshrink.device import model_device, resolve_device
+
+        dev = resolve_device(device)
         hold = guard or contextlib.nullcontext
+        home = model_device(model) if isinstance(model, nn.Module) and dev.type != "cpu" else None
+        if home is not None:
+            model.to(dev)
         logits, targets = [], []
         seen = 0
-        with torch.no_grad():
-            for batch in self.loader(split, batch_size, shuffle=False):
-                x, y = _batches.split_batch(batch)
-                if limit is not None and seen >= limit:
-                    break
-                if limit is not None:
-                    x, y = _batches.first(x, limit - seen), y[: limit - seen]
-                n = _batches.batch_size(x)
-                if fixed_batch and n < batch_size:
-                    x = _batches.pad_to(x, batch_size)
-                with hold():
-                    logits.append(_batches.logits_of(_batches.call(model, x))[:n].float())
-                targets.append(y)
-                seen += len(y)
+        try:
+            with torch.no_grad():
+                for batch in self.loader(split, batch_size, shuffle=False, device=dev):
+                    x, y = _batches.split_batch(batch)
+                    if limit is not None and seen >= limit:
+                        break
+                    if limit is not None:
+                        x, y = _batches.first(x, limit - seen), y[: limit - seen]
+                    n = _batches.batch_size(x)
+                    if fixed_batch and n < batch_size:
+                        x = _batches.pad_to(x, batch_size)
+                    if dev.type != "cpu":
+                        x = _batches.to(x, dev, non_blocking=True)
+                    with hold():
+                        logits.append(_batches.logits_of(_batches.call(model, x))[:n].float().cpu())
+                    targets.append(y)
+                    seen += len(y)
+        finally:
+            if home is not None:
+                model.to(home)
         out, tgt = torch.cat(logits), torch.cat(targets)
         if self.metric is None:
             acc = top1_accuracy(out, tgt)

@@ -50,6 +50,8 @@ class TrialContext:
         measure: ``measure(lowered, example_input, runs, threads) -> Latency`` times the lowered
             (uncompiled) model somewhere else, e.g. on the latency-target machine of a Ray
             cluster; None: compile and time it here, inside ``lock``.
+        device: where the KD fine-tune runs (``"cpu"``, ``"cuda"``, ``"auto"``; see
+            :func:`autoshrink.device.resolve_device`); lowering and timing stay on the CPU.
     """
 
     threads: int = 1
@@ -62,6 +64,7 @@ class TrialContext:
     artifact_dir: str | None = None
     seed: int = 0
     measure: Callable[[torch.nn.Module, torch.Tensor, int, int], Latency] | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -204,6 +207,7 @@ def evaluate(
             eval_every=ctx.eval_every,
             seed=ctx.seed,
             guard=guard,
+            device=ctx.device,
         )
     except StopTrial:
         result.finetune_s = time.perf_counter() - t0

@@ -102,3 +102,17 @@ def tiny_space():
         },
         source="tiny.yaml",
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests run where torch sees a GPU and are skipped elsewhere."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in marked:
+        item.add_marker(skip)

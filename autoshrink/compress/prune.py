@@ -457,7 +457,7 @@ def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report
         try:
             _check_heads(model, heads)
             with torch.no_grad():
-                model(example_input)
+                _batches.call(model, example_input)
         except Exception as exc:  # noqa: BLE001 - the user's forward: a width fixed in it
             _restore(saved)
             _update_attention(model, heads)

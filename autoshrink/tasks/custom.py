@@ -52,6 +52,11 @@ def task_from_cli(
     data: str | None,
     task: str | None,
     num_classes: int | None,
+    *,
+    input_size: int | tuple[int, int] | None = None,
+    normalize: str = "train",
+    data_workers: int | None = None,
+    device: str = "cpu",
 ) -> Task:
     """Build the task the command line describes.
 
@@ -62,6 +67,12 @@ def task_from_cli(
         task: ``cifar10`` (a teacher trained here when no ``model`` is given) or a name for
             your task in reports.
         num_classes: passed to the factory as ``num_classes=``.
+        input_size: ``--input-size``: the side (or ``(height, width)``) image-folder images are
+            cropped to; None: the model's own input size (:func:`model_input_spec`).
+        normalize: ``--normalize train|imagenet`` for image folders (see
+            :func:`autoshrink.data.read_imagefolder`).
+        data_workers: DataLoader worker processes decoding image-folder images (None: default).
+        device: where a teacher trained here (``--task cifar10``) is trained.
 
     Raises:
         TaskError: with a one-line reason naming the file or argument at fault.
@@ -84,7 +95,7 @@ def task_from_cli(
                 raise TaskError(f"--task cifar10 reads cifar10:DIR data, got --data {data!r}")
             if num_classes not in (None, 10):
                 raise TaskError(f"--num-classes {num_classes}: CIFAR-10 has 10 classes")
-            return cifar10_task(path)
+            return cifar10_task(path, device=device)
         raise TaskError(f"--data {data!r} needs --model pkg.module:factory (and --checkpoint) to "
                         "compress; only --task cifar10 trains a teacher of its own")
     if data is None:
@@ -94,7 +105,8 @@ def task_from_cli(
     if checkpoint is not None:
         load_checkpoint(net, checkpoint, model=model)
     name = task or model.partition(":")[2] or "custom"
-    return custom_task(net, data, name=name, source=model)
+    return custom_task(net, data, name=name, source=model, input_size=input_size, normalize=normalize,
+                       num_workers=data_workers)
 
 
 def _check_scheme(data: str) -> None:
@@ -375,8 +387,12 @@ def model_input_spec(model: nn.Module) -> tuple[int, tuple[int, int]]:
 
 # -- tasks ------------------------------------------------------------------------------------------
 def custom_task(model: nn.Module, data: str | ImageData, *, name: str = "custom",
-                source: str | None = None) -> Task:
+                source: str | None = None, input_size: int | tuple[int, int] | None = None,
+                normalize: str = "train", num_workers: int | None = None) -> Task:
     """A task from a trained model and ``imagefolder:DIR`` / ``cifar10:DIR`` data.
+
+    ``input_size`` (default: the model's own, :func:`model_input_spec`), ``normalize`` and
+    ``num_workers`` apply to an image folder (see :func:`autoshrink.data.read_imagefolder`).
 
     Raises:
         TaskError: the data cannot be read, or the model's outputs do not match its classes.
@@ -384,8 +400,13 @@ def custom_task(model: nn.Module, data: str | ImageData, *, name: str = "custom"
     Example:
         >>> task = custom_task(my_model, "imagefolder:photos")  # doctest: +SKIP
     """
+    from autoshrink.tasks.transforms import input_hw
+
     chans, size = model_input_spec(model)
-    images = data if isinstance(data, ImageData) else load_data(data, in_chans=chans, size=size)
+    if input_size is not None:
+        size = input_hw(input_size)
+    images = data if isinstance(data, ImageData) else load_data(
+        data, in_chans=chans, size=size, normalize=normalize, num_workers=num_workers)
     example = images.val[0][0].unsqueeze(0)
     task = Task(model=model.eval(), train_data=images.train, val_data=images.val,
                 example_input=example, name=name,
@@ -398,7 +419,8 @@ def custom_task(model: nn.Module, data: str | ImageData, *, name: str = "custom"
     return task
 
 
-def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress: bool = True) -> Task:
+def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress: bool = True,
+                 device: str = "cpu") -> Task:
     """CIFAR-10 from its python batches, with a ``resnet20`` teacher trained here on first use.
 
     The teacher is cached under the cache folder (``AUTOSHRINK_CACHE``), keyed by a hash of the
@@ -408,6 +430,8 @@ def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress
         root: the folder with ``data_batch_1..5``, ``test_batch``, ``batches.meta``.
         epochs: teacher training epochs (default 4; ``AUTOSHRINK_TEACHER_EPOCHS`` overrides).
         progress: show a progress bar while training.
+        device: where a teacher not yet cached is trained and first evaluated (see
+            :func:`autoshrink.device.resolve_device`); the task's model is on the CPU either way.
 
     Example:
         >>> task = cifar10_task("data/cifar-10-batches-py")  # doctest: +SKIP
@@ -424,8 +448,8 @@ def cifar10_task(root: str | os.PathLike, *, epochs: int | None = None, progress
     def train(teacher: nn.Module) -> float:
         train_teacher(teacher, data, epochs=epochs, batch_size=128, lr=0.1, progress=progress,
                       label=f"training the CIFAR-10 teacher ({CIFAR10_TEACHER}, {epochs} epochs; "
-                            "first use only, cached)")
-        accuracy, _ = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0)).evaluate(teacher)
+                            "first use only, cached)", device=device)
+        accuracy, _ = Task(teacher, data.train, data.val, data.val[0][0].unsqueeze(0)).evaluate(teacher, device=device)
         return accuracy
 
     teacher, accuracy = cached_teacher(

@@ -154,14 +154,24 @@ def train_teacher(
     seed: int = 0,
     progress: bool = True,
     label: str = "training the digits teacher (first use only; cached)",
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Train ``model`` from scratch on ``data.train`` (SGD + one-cycle schedule); ``label``
-    names the progress bar."""
+    names the progress bar.
+
+    ``device`` trains there (bf16 autocast on CUDA, see :mod:`autoshrink.device`); the model is
+    moved back to where it was when training ends."""
+    from autoshrink.device import autocast, loader_options, model_device, resolve_device
+
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(
-        data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+        **loader_options(data.train, dev),
     )
     steps = epochs * len(loader)
+    home = model_device(model)
+    model.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
     model.train()
@@ -169,7 +179,11 @@ def train_teacher(
     try:
         for _ in range(epochs):
             for x, y in loader:
-                loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+                if dev.type != "cpu":
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                with autocast(dev):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -177,6 +191,7 @@ def train_teacher(
                 bar.advance(loss=f"{loss.item():.3f}")
     finally:
         bar.close()
+        model.to(home)
     return model.eval()
 
 
@@ -185,13 +200,16 @@ def _teacher_path(model_name: str, epochs: int) -> Path:
     return cache_dir() / "teachers" / f"digits-{model_name}-{key}.pt"
 
 
-def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progress: bool = True) -> Task:
+def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progress: bool = True,
+                device: str = "cpu") -> Task:
     """The digits task with a zoo model as teacher, trained on first use and then cached.
 
     Args:
         model: a name from :func:`autoshrink.models.list_models`.
         epochs: teacher training epochs (default 6; ``AUTOSHRINK_TEACHER_EPOCHS`` overrides).
         progress: show a progress bar while training the teacher.
+        device: where a teacher not yet cached is trained and first evaluated (the task's
+            model is on the CPU either way).
 
     Example:
         >>> task = digits_task()            # doctest: +SKIP
@@ -204,10 +222,10 @@ def digits_task(model: str = "resnet18_32", *, epochs: int | None = None, progre
     example = data.val[0][0].unsqueeze(0)
 
     def score(teacher: nn.Module) -> float:
-        return Task(teacher, data.train, data.val, example).evaluate(teacher)[0]
+        return Task(teacher, data.train, data.val, example).evaluate(teacher, device=device)[0]
 
     def train(teacher: nn.Module) -> float:
-        train_teacher(teacher, data, epochs=epochs, progress=progress)
+        train_teacher(teacher, data, epochs=epochs, progress=progress, device=device)
         return score(teacher)
 
     teacher, meta_acc = cached_teacher(

@@ -15,10 +15,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoshrink as ash
-from autoshrink.data import ImageTensors, load_data, read_cifar10, read_imagefolder
+from autoshrink.data import load_data, read_cifar10, read_imagefolder
 from autoshrink.record import State
 from autoshrink.task import TaskError
 from autoshrink.tasks import custom
+from autoshrink.tasks.imagefolder import ImageFolderDataset
 
 CLASSES = ("cat", "dog", "eel")
 
@@ -101,18 +102,21 @@ def _cifar(root, per_batch: int = 8):
 
 # -- data readers -----------------------------------------------------------------------------
 def test_imagefolder_is_resized_split_and_normalised(tmp_path):
-    data = read_imagefolder(_imagefolder(tmp_path / "img"), in_chans=1, size=(16, 16))
+    # augment=False: training images get the deterministic eval transform the mean/std are taken on
+    data = read_imagefolder(_imagefolder(tmp_path / "img"), in_chans=1, size=(16, 16), augment=False)
     assert data.classes == list(CLASSES)
     assert len(data.train) + len(data.val) == 21
     # stratified: every class is in both splits, the same way every time
     for split in (data.train, data.val):
-        assert sorted(set(split.tensors[1].tolist())) == [0, 1, 2]
-    again = read_imagefolder(tmp_path / "img", in_chans=1, size=(16, 16))
-    assert torch.equal(again.val.tensors[0], data.val.tensors[0]) and again.digest == data.digest
+        assert sorted(set(split.targets)) == [0, 1, 2]
+    again = read_imagefolder(tmp_path / "img", in_chans=1, size=(16, 16), augment=False)
+    assert again.val.paths == data.val.paths and again.digest == data.digest
+    assert torch.equal(again.val[0][0], data.val[0][0])
     x, y = data.train[0]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32
     xs = torch.stack([data.train[i][0] for i in range(len(data.train))])
     assert abs(xs.mean().item()) < 1e-4 and abs(xs.std().item() - 1) < 0.05
+    assert data.normalize == "train" and len(data.mean) == len(data.std) == 1
     rgb = read_imagefolder(tmp_path / "img", in_chans=3, size=(8, 8))
     assert rgb.train[0][0].shape == (3, 8, 8)
 
@@ -166,7 +170,10 @@ def test_data_errors_name_the_folder_and_the_reason(tmp_path):
     root = _imagefolder(tmp_path / "img")
     (root / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(TaskError, match=r"cannot read .*broken\.png"):
-        load_data(f"imagefolder:{root}")
+        data = load_data(f"imagefolder:{root}")  # streamed: found when read (or by the mean/std sample)
+        for split in (data.train, data.val):
+            for i in range(len(split)):
+                split[i]
     with pytest.raises(TaskError, match=r"not the CIFAR-10 python layout, missing \['data_batch_1'"):
         load_data(f"cifar10:{root}")
     with pytest.raises(TaskError, match="can feed 1 \\(greyscale\\) or 3 \\(RGB\\)"):
@@ -181,7 +188,7 @@ def test_factory_checkpoint_and_imagefolder_make_a_task(tmp_path, user_module):
     task = custom.task_from_cli(f"{user_module}:factory", str(tmp_path / "net.pt"),
                                 f"imagefolder:{root}", None, None)
     assert task.num_classes == 3 and task.example_input.shape == (1, 3, 32, 32)
-    assert isinstance(task.train_data, ImageTensors)
+    assert isinstance(task.train_data, ImageFolderDataset)
     for a, b in zip(task.model.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # a raw state_dict, a DataParallel one, and num_classes passed to the factory
