@@ -44,6 +44,7 @@ __all__ = [
     "evaluate",
     "get",
     "list_runtimes",
+    "time_lowered",
     "time_runtime",
     "usage_snippet",
 ]
@@ -160,6 +161,34 @@ def time_runtime(
 
     lat = measure_latency(fn, example_input, runs=runs, warmup=warmup, threads=info.threads, lock=lock)
     return RuntimeLatency(**asdict(lat), info=info)
+
+
+def time_lowered(
+    runtime: str,
+    lowered: torch.nn.Module,
+    example_input: torch.Tensor,
+    *,
+    runs: int = 60,
+    warmup: int = 10,
+    threads: int = 1,
+    lock: MachineLock | None = None,
+) -> RuntimeLatency:
+    """Build ``lowered`` in ``runtime`` and time it (the budget gate's measurement in one call).
+
+    The build (export, conversion, compilation) is heavy work and runs under ``lock``'s shared
+    side, as training does; the timing then takes the lock exclusively (:func:`time_runtime`).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+        >>> time_lowered("onnxruntime", m, torch.randn(1, 8), runs=5).info.runtime   # doctest: +SKIP
+        'onnxruntime'
+    """
+    import contextlib
+
+    rt = get(runtime)
+    with lock.training() if lock is not None else contextlib.nullcontext():
+        deployable = rt.build(lowered, example_input, threads=threads)
+    return time_runtime(deployable, example_input, runs=runs, warmup=warmup, lock=lock)
 
 
 def evaluate(

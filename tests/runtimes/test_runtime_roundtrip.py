@@ -193,3 +193,12 @@ def test_saved_artifact_runs_with_that_runtime_alone(name, lowered, built, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), dep(x.numpy()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_time_lowered_builds_and_times_in_the_runtime_asked(name, tmp_path):
+    from autoshrink.measure.latency import MachineLock
+
+    model, x, _ = _lowered("mlp", 8)
+    lat = runtimes.time_lowered(name, model, x[:1], runs=5, warmup=1, lock=MachineLock(tmp_path))
+    assert lat.info == runtimes.get(name).info(1) and lat.runs == 5 and lat.median_ms > 0
