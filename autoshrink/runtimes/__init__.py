@@ -42,6 +42,7 @@ __all__ = [
     "RuntimeLatency",
     "available",
     "evaluate",
+    "fp32_in_runtime",
     "get",
     "list_runtimes",
     "time_lowered",
@@ -161,6 +162,34 @@ def time_runtime(
 
     lat = measure_latency(fn, example_input, runs=runs, warmup=warmup, threads=info.threads, lock=lock)
     return RuntimeLatency(**asdict(lat), info=info)
+
+
+def fp32_in_runtime(deployable: Deployable, bits: dict[str, int]) -> dict[str, str]:
+    """Layers the plan quantizes (``bits`` < 32) that this runtime still runs with float kernels,
+    and why: for the per-layer plan, where they show as fp32 rather than as a silent int8.
+
+    Args:
+        deployable: built from the plan's lowered model.
+        bits: weight bits per layer, as :class:`autoshrink.compress.Compressed` resolved them.
+
+    Returns:
+        layer -> reason; empty when the runtime does not expose its kernels (Inductor) or runs
+        every quantized layer in int8.
+
+    Example:
+        >>> class _D(Deployable):
+        ...     def run(self, x): return x
+        ...     def kernels(self): return {"conv1": "int8", "fc": "fp32"}
+        >>> fp32_in_runtime(_D(RuntimeInfo("onnxruntime", "1.20", 1), []), {"conv1": 8, "fc": 8})
+        {'fc': 'onnxruntime 1.20 runs it with a float kernel on dequantized int8 weights (no int8 kernel for it there)'}
+    """
+    kernels = deployable.kernels() or {}
+    info = deployable.info
+    return {
+        layer: f"{info.runtime} {info.version} runs it with a float kernel on dequantized int8 weights "
+               "(no int8 kernel for it there)"
+        for layer, b in bits.items() if b < 32 and kernels.get(layer) == "fp32"
+    }
 
 
 def time_lowered(

@@ -112,6 +112,20 @@ def test_int8_kernels_really_run(name, lowered, built):
         assert kernels["3"] == "fp32", kernels  # cnn: the conv before pooling; mlp: the classifier
 
 
+@pytest.mark.parametrize("name", EXTERNAL)
+def test_layers_a_runtime_leaves_in_float_are_named(name, lowered, built):
+    kind, bits, _, _, _ = lowered
+    if bits != 8:
+        pytest.skip("only quantized layers can fall back")
+    plan = dict.fromkeys(QUANTIZED[kind], 8)
+    fallen = runtimes.fp32_in_runtime(built(name, lowered), plan)
+    if name == "openvino":
+        assert fallen == {}
+    else:
+        assert set(fallen) == ({"3", "7"} if kind == "cnn" else {"3"})
+        assert all("onnxruntime" in why and "float kernel" in why for why in fallen.values())
+
+
 def test_onnxruntime_optimized_graph_holds_integer_kernels(lowered, built, tmp_path):
     # the session as timed (all optimisations, layout included), not the one kernels() inspects
     ort = pytest.importorskip("onnxruntime")
@@ -147,10 +161,8 @@ class _Counting:
 
 
 @pytest.mark.parametrize("name", EXTERNAL)
-def test_timing_runs_in_that_runtime(name, lowered):
-    kind, bits, model, x, _ = lowered
-    if (kind, bits) != ("cnn", 8):
-        pytest.skip("one model is enough")
+def test_timing_runs_in_that_runtime(name):
+    model, x, _ = _lowered("cnn", 8)
     rt = runtimes.get(name)
     dep = rt.build(model, x[:1])
     if name == "onnxruntime":
