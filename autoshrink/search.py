@@ -32,6 +32,7 @@ from autoshrink import _env
 from autoshrink._files import write_text_atomic
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
+from autoshrink.recover import write_study_record, write_trial_record
 from autoshrink.space import SearchSpace
 from autoshrink.task import Task
 
@@ -906,9 +907,9 @@ class _Driver:
             trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
         if state == "FAIL":
             trial.set_user_attr("error", m.get("error") or "failed without a reason")
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         elif state == "PRUNED":
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             accuracy = m.get("accuracy") if not violations else None
             latency = m.get("latency_ms")
@@ -918,10 +919,14 @@ class _Driver:
                 latency = max(latency, self.budget.latency_ms)
             values = [accuracy if accuracy is not None else 0.0,
                       latency if latency is not None else 1e9]
-            self.study.tell(trial, values)
+            frozen = self.study.tell(trial, values)
         if state != "COMPLETE" or violations:
             (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)
         write_text_atomic(self.out / "trials" / f"{trial.number:04d}" / "candidate.json", cand.to_json())
+        # a second record of the trial, and of the study, that `autoshrink recover` rebuilds study.db from
+        write_trial_record(self.out, frozen, m)
+        write_study_record(self.out, study_name=self.study.study_name, directions=self.study.directions,
+                           user_attrs=self.study.user_attrs)
 
 
 _DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"

@@ -119,7 +119,8 @@ def check_study_db(db: str | os.PathLike) -> None:
     finally:
         con.close()
     if problems != ["ok"]:
-        raise _damaged(path, f"is damaged (SQLite's check: {problems[0][:80]})")
+        detail = " ".join(" ".join(map(str, problems)).replace("*** in database main ***", "").split())
+        raise _damaged(path, f"is damaged (SQLite's check: {detail[:100]})")
     if not OPTUNA_TABLES <= tables:
         raise _damaged(path, f"is an SQLite database but not an Optuna study (no "
                              f"{', '.join(sorted(OPTUNA_TABLES - tables))} table)")
