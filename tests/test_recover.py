@@ -267,8 +267,8 @@ def test_a_killed_search_with_a_damaged_store_is_recovered_with_every_finished_t
     done = subprocess.run([sys.executable, "-m", "autoshrink.cli", "recover", str(run)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith(f"recovered 2 trials into {db}; 1 without a record added as failed (2); "
-                                  "the damaged store is kept as "), done.stdout
+    # trial 2 was running: past the last record, so no number to keep free for it
+    assert done.stdout.startswith(f"recovered 2 trials into {db}; the damaged store is kept as "), done.stdout
     rebuilt = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{db}")
     for number, before in finished.items():
         after = rebuilt.trials[number]
@@ -278,9 +278,8 @@ def test_a_killed_search_with_a_damaged_store_is_recovered_with_every_finished_t
         record = json.loads((run / "trials" / f"{number:04d}" / "metrics.json").read_text())
         assert record["metrics"]["accuracy"] == before.user_attrs["accuracy"]
         assert (run / "trials" / f"{number:04d}" / "candidate.json").is_file()
-    assert rebuilt.trials[2].state.name == "FAIL" and rebuilt.trials[2].user_attrs["error"] == NOT_RECOVERED
+    assert len(rebuilt.trials) == 2
     assert rebuilt.user_attrs["budget"] == {"mmacs": 1000.0} and "teacher" in rebuilt.user_attrs
     df = ash.load(run).trials  # show / pareto / export read it again
-    assert df["number"].tolist() == [0, 1, 2]
-    assert df.loc[df["number"] < 2, "accuracy"].notna().all()
+    assert df["number"].tolist() == [0, 1] and df["accuracy"].notna().all()
     assert pd.api.types.is_numeric_dtype(df["latency_ms"])
