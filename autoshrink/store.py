@@ -191,8 +191,9 @@ def _check_server(parsed, shown: str, driver: str, timeout_s: float) -> None:
         with engine.connect():
             pass
     except SQLAlchemyError as exc:
-        reason = _first_line(getattr(exc, "orig", None) or exc)
-        where = f"{parsed.host or 'localhost'}" + (f":{parsed.port}" if parsed.port else "")
+        reason = _reason(getattr(exc, "orig", None) or exc)
+        host = parsed.host or parsed.query.get("host") or "localhost"  # ?host=/dir: a Unix socket
+        where = f"{host}" + (f":{parsed.port}" if parsed.port else "")
         raise StoreError(f"--storage {shown}: cannot connect to the database server at {where} within "
                          f"{timeout_s:g} s ({reason}): is it running, and are the host, port, user and "
                          "database right?") from None
@@ -206,9 +207,14 @@ def _null_pool():
     return NullPool
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """The part of a driver's connect error that says why: libpq's reads "connection failed:
+    connection to server at "h", port 1 failed: FATAL:  database "x" does not exist"."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for marker in ("FATAL:", "failed:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1].strip() or text
+            break
     return text if len(text) <= 160 else text[:157] + "..."
 
 
