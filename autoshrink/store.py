@@ -210,11 +210,14 @@ def _null_pool():
 def _reason(exc: BaseException) -> str:
     """The part of a driver's connect error that says why: libpq's reads "connection failed:
     connection to server at "h", port 1 failed: FATAL:  database "x" does not exist"."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    raw = str(exc)
     for marker in ("FATAL:", "failed:"):
-        if marker in text:
-            text = text.rsplit(marker, 1)[1].strip() or text
+        if marker in raw:
+            raw = raw.rsplit(marker, 1)[1]
             break
+    # the first line: libpq's second one is its own "is the server running" hint
+    lines = [" ".join(line.split()) for line in raw.splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
 
