@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print a run's front and the chosen trial's plan")
     sh.add_argument("dir")
 
+    rc = sub.add_parser("recover", help="rebuild a damaged study.db from the per-trial records in trials/")
+    rc.add_argument("dir")
+    rc.add_argument("--force", action="store_true", help="rebuild even if study.db is intact (it is kept aside)")
+
     se = sub.add_parser("sensitivity", help="per-layer accuracy drop by bits / pruning level")
     se.add_argument("--task", default=None)
     se.add_argument("--limit", type=_positive(int), default=1000, help="validation samples used")
@@ -271,6 +275,13 @@ def _cmd_show(args) -> int:
     return 0
 
 
+def _cmd_recover(args) -> int:
+    from autoshrink.recover import recover
+
+    print(recover(args.dir, force=args.force).summary())
+    return 0
+
+
 def _cmd_sensitivity(args) -> int:
     import autoshrink as ash
     from autoshrink.sensitivity import narrow_space, plot_sensitivity
@@ -340,6 +351,7 @@ COMMANDS = {
     "export": _cmd_export,
     "show": _cmd_show,
     "sensitivity": _cmd_sensitivity,
+    "recover": _cmd_recover,
 }
 
 

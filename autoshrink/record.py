@@ -201,10 +201,12 @@ class Reason:
     INTERRUPTED = "interrupted: the driver stopped before this trial finished (re-run on resume)"
     SURPLUS = "not run: the study already had its trials (another driver sharing it asked first)"
     NO_REASON = "failed without a reason"
+    NOT_RECOVERED = ("not recovered: trials/ holds no record of this trial (it had not finished, or its "
+                     "record was lost)")
 
 
 #: trials that do not count towards the total: re-run on resume, or never run at all
-NOT_COUNTED = (Reason.INTERRUPTED, Reason.SURPLUS)
+NOT_COUNTED = (Reason.INTERRUPTED, Reason.SURPLUS, Reason.NOT_RECOVERED)
 
 #: the objectives, in the order their values are told to the study, and their directions
 OBJECTIVES: dict[str, Direction] = {TrialAttr.ACCURACY: Direction.MAX, TrialAttr.LATENCY_MS: Direction.MIN}

@@ -31,6 +31,7 @@ from autoshrink.record import (
     StudyAttr,
     TrialAttr,
 )
+from autoshrink.recover import write_study_record, write_trial_record
 from autoshrink.search import accounting
 from autoshrink.search.config import DriverConfig
 from autoshrink.search.ray_backend import latency_meter, ray_reason, ship_user_code_by_value, start_ray
@@ -296,7 +297,7 @@ class Driver:
             trial.set_user_attr(TrialAttr.ERROR, m.get(TrialAttr.ERROR) or Reason.NO_REASON)
             self.study.tell(trial, state=State.FAIL.optuna)
         elif state is State.PRUNED:
-            self.study.tell(trial, state=State.PRUNED.optuna)
+            frozen = self.study.tell(trial, state=State.PRUNED.optuna)
         else:
             accuracy = m.get(TrialAttr.ACCURACY) if not violations else None
             latency = m.get(TrialAttr.LATENCY_MS)
@@ -306,10 +307,14 @@ class Driver:
                 latency = max(latency, self.budget.latency_ms)
             values = [accuracy if accuracy is not None else 0.0,
                       latency if latency is not None else 1e9]
-            self.study.tell(trial, values)
+            frozen = self.study.tell(trial, values)
         if state is not State.COMPLETE or violations:
             (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)
         write_text_atomic(self.out / "trials" / f"{trial.number:04d}" / "candidate.json", cand.to_json())
+        # a second record of the trial, and of the study, that `autoshrink recover` rebuilds study.db from
+        write_trial_record(self.out, frozen, m)
+        write_study_record(self.out, study_name=self.study.study_name, directions=self.study.directions,
+                           user_attrs=self.study.user_attrs)
 
 
 def driver_alive(driver: str | None) -> bool:

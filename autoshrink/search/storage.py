@@ -41,16 +41,16 @@ def open_storage(url: str):
     """An Optuna storage for ``url``. SQLite waits up to a minute for a lock held by another
     driver sharing the file (its default, 5 s, is too short on a loaded machine)."""
     import optuna
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-    if not url.startswith("sqlite:"):
-        return url
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        except (IntegrityError, OperationalError):
-            # two drivers creating one new file race to stamp its schema version; the loser
-            # finds the schema there on a second look
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            # two drivers creating one new store race to create its schema (PostgreSQL: its enum
+            # types, then "relation already exists") and stamp its version; the loser finds the
+            # schema there on a second look
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
