@@ -311,7 +311,10 @@ def load(
     """
     import optuna
 
+    from autoshrink.store import check_store
+
     out = Path(out)
+    check_store(out, storage)  # a damaged study.db or a bad URL: one line saying what to do
     if storage is None:
         db = out / "study.db"
         if not db.is_file():

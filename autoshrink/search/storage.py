@@ -11,6 +11,7 @@ from autoshrink.budget import Budget
 from autoshrink.record import STUDY_DIRECTIONS, StudyAttr
 from autoshrink.search.config import SearchError
 from autoshrink.space import SearchSpace
+from autoshrink.store import StoreError, check_store
 
 __all__ = ["check_run_folder", "check_study", "default_storage", "open_storage", "open_study", "prepare_out"]
 
@@ -116,12 +117,21 @@ def check_run_folder(
 
     Raises:
         SearchError: naming the folder and what to do instead.
+        StoreError: the folder's ``study.db`` or the ``storage`` URL cannot be used (damaged, not a
+            database, no driver, no server); nothing in the folder is changed.
 
     Example:
         >>> import tempfile
         >>> check_run_folder(tempfile.mkdtemp()).is_dir()
         True
     """
+    try:  # first: a damaged store is one line, before anything is created or trained
+        check_store(out, storage)
+    except StoreError as exc:
+        if resume and out is not None and "autoshrink recover" not in str(exc) and storage is None:
+            raise StoreError(f"--resume: {exc}; if trials/ holds records, `autoshrink recover {out}` "
+                             "rebuilds it") from None
+        raise StoreError(f"--resume: {exc}" if resume else str(exc)) from None
     if resume:
         if out is None:
             raise SearchError("--resume needs the run folder to continue (--out DIR)")

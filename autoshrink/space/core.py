@@ -86,19 +86,16 @@ class SearchSpace:
         Raises:
             SpaceError: missing file, YAML syntax error (with line and column), or invalid content.
         """
+        from autoshrink._yaml import YamlError, load_yaml
+
         p = Path(path)
         if not p.is_file():
-            raise SpaceError(f"{p}: search space file not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise SpaceError(f"{p}{where}: YAML syntax error: {problem}") from None
-        except UnicodeDecodeError:
-            raise SpaceError(f"{p}: not a text (YAML) file") from None
-        return cls.from_dict(data if data is not None else {}, source=str(p))
+            raise SpaceError(f"{p}: search space file not found" if not p.exists() else f"{p} is not a file")
+        try:  # with size and alias limits; an empty file is an error
+            data = load_yaml(p)
+        except YamlError as exc:
+            raise SpaceError(str(exc)) from None
+        return cls.from_dict(data, source=str(p))
 
     @classmethod
     def default(cls) -> SearchSpace:

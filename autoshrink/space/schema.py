@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from autoshrink._yaml import excerpt
 from autoshrink.candidate import ALLOWED_BITS
 
 __all__ = ["Defaults", "Distill", "Finetune", "LayerRule", "Range", "SpaceError", "SpaceModel", "format_errors"]
@@ -19,6 +20,23 @@ __all__ = ["Defaults", "Distill", "Finetune", "LayerRule", "Range", "SpaceError"
 
 class SpaceError(ValueError):
     """A search space that cannot be used; the message names the file, key path and value."""
+
+
+def _show(v: Any) -> str:
+    """A value as the user wrote it, bounded: a range reads ``0.3..2.0``, ``true`` as in YAML."""
+    if isinstance(v, Range):
+        return f"{v.low}..{v.high}" + (f" (step {v.step})" if v.step is not None else "")
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return excerpt(v)
+
+
+def _no_bool(v: Any) -> Any:
+    """YAML's ``true`` is not the number 1 here: refuse it before pydantic coerces it."""
+    for b in v if isinstance(v, list) else [v]:
+        if isinstance(b, bool):
+            raise ValueError(f"{_show(b)} is not one of {list(ALLOWED_BITS)}")
+    return v
 
 
 class _Strict(BaseModel):
@@ -41,6 +59,9 @@ class Range(_Strict):
             raise ValueError(f"step must be > 0, got {self.step}")
         if self.log and (self.low <= 0 or self.step is not None):
             raise ValueError("log ranges need low > 0 and no step")
+        if self.step is not None and self.high > self.low and self.step > self.high - self.low + 1e-12:
+            raise ValueError(f"step {self.step:g} is wider than the range {self.low:g}..{self.high:g}, so only "
+                             f"{self.low:g} could be drawn: use a step <= {self.high - self.low:g}, or one value")
         return self
 
     def values(self) -> list[float] | None:
@@ -58,6 +79,8 @@ class LayerRule(_Strict):
     prune: Range | list[float] | float | None = None
     per_layer: bool = False  # one sampled value per matched layer instead of one for the rule
 
+    _bits_not_bool = field_validator("bits", mode="before")(_no_bool)
+
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: Any) -> Any:
@@ -66,7 +89,7 @@ class LayerRule(_Strict):
             raise ValueError("needs at least one choice")
         for b in values:
             if b not in ALLOWED_BITS:
-                raise ValueError(f"{b!r} is not one of {list(ALLOWED_BITS)}")
+                raise ValueError(f"{_show(b)} is not one of {list(ALLOWED_BITS)}")
         return v
 
     @field_validator("prune")
@@ -81,7 +104,7 @@ class LayerRule(_Strict):
             raise ValueError("needs at least one choice")
         for r in values:
             if not 0 <= r < 1:
-                raise ValueError(f"{r!r} is outside [0, 1)")
+                raise ValueError(f"{_show(r)} is outside [0, 1)")
         return v
 
     @property
@@ -93,18 +116,20 @@ class Defaults(_Strict):
     bits: int = 32
     prune: float = 0.0
 
+    _bits_not_bool = field_validator("bits", mode="before")(_no_bool)
+
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
         if v not in ALLOWED_BITS:
-            raise ValueError(f"{v!r} is not one of {list(ALLOWED_BITS)}")
+            raise ValueError(f"{_show(v)} is not one of {list(ALLOWED_BITS)}")
         return v
 
     @field_validator("prune")
     @classmethod
     def _prune(cls, v: float) -> float:
         if not 0 <= v < 1:
-            raise ValueError(f"{v!r} is outside [0, 1)")
+            raise ValueError(f"{_show(v)} is outside [0, 1)")
         return v
 
 
@@ -119,7 +144,7 @@ class Distill(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("needs at least one choice")
         if lo <= 0:
-            raise ValueError(f"temperature must be > 0, got {lo!r}")
+            raise ValueError(f"temperature must be > 0, got {_show(v)}")
         return v
 
     @field_validator("alpha")
@@ -129,7 +154,7 @@ class Distill(_Strict):
         if not vals:
             raise ValueError("needs at least one choice")
         if any(not 0 <= a <= 1 for a in vals):
-            raise ValueError(f"alpha must lie in [0, 1], got {v!r}")
+            raise ValueError(f"alpha must lie in [0, 1], got {_show(v)}")
         return v
 
 
@@ -140,12 +165,13 @@ class Finetune(_Strict):
 
     @field_validator("steps", "batch_size")
     @classmethod
-    def _nonneg(cls, v: Any) -> Any:
+    def _nonneg(cls, v: Any, info) -> Any:
         vals = [v.low, v.high] if isinstance(v, Range) else v if isinstance(v, list) else [v]
         if not vals:
             raise ValueError("needs at least one choice")
-        if any(s < 0 for s in vals):
-            raise ValueError(f"must be >= 0, got {v!r}")
+        least = 1 if info.field_name == "batch_size" else 0  # a batch of 0 samples trains nothing
+        if any(s < least for s in vals):
+            raise ValueError(f"must be >= {least}, got {_show(v)}")
         return v
 
     @field_validator("lr")
@@ -155,7 +181,7 @@ class Finetune(_Strict):
         if not vals:
             raise ValueError("needs at least one choice")
         if any(x <= 0 for x in vals):
-            raise ValueError(f"must be > 0, got {v!r}")
+            raise ValueError(f"must be > 0, got {_show(v)}")
         return v
 
 
@@ -173,7 +199,7 @@ class SpaceModel(_Strict):
     def _round(cls, v: Any) -> Any:
         vals = v if isinstance(v, list) else [v]
         if any(r is not None and r < 1 for r in vals):
-            raise ValueError(f"must be null or an integer >= 1, got {v!r}")
+            raise ValueError(f"must be null or an integer >= 1, got {_show(v)}")
         return v
 
 
@@ -201,7 +227,7 @@ def format_errors(source: str, err: ValidationError) -> str:
     for path, errors in by_path.items():
         own = [e for e in errors if e["type"] == "value_error"]
         if own:
-            lines.append(f"{source}: {path}: {own[0]['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{source}: {path}: {own[0]['msg'].removeprefix('Value error, ')[:300]}")
             continue
         e = errors[0]
         if e["type"] == "extra_forbidden":
@@ -215,5 +241,5 @@ def format_errors(source: str, err: ValidationError) -> str:
             msg = "expected a value, a list of choices or a {low, high} range"
         else:
             msg = e["msg"]
-        lines.append(f"{source}: {path}: {msg} (got {value!r})")
+        lines.append(f"{source}: {path}: {msg} (got {_show(value)})")
     return "\n".join(lines[:5])
