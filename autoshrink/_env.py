@@ -9,7 +9,22 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["configure"]
+__all__ = ["configure", "quiet"]
+
+# Third-party messages a user of autoshrink cannot act on (they concern the libraries' own code,
+# not the user's model or inputs): (category, message regex, module regex) for warnings, and
+# the loggers whose warnings are such notices. ``autoshrink --debug`` shows them all.
+NOISE_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", ""),
+    (UserWarning, r"To copy construct from a tensor", r"torch\._inductor"),
+    (UserWarning, r".*torchvision", ""),
+    (DeprecationWarning, r".*", r"(torchao|torch_pruning|ray|optuna|pydantic|google|pkg_resources)"),
+    (FutureWarning, r".*", r"(torchao|torch_pruning|ray|optuna)"),
+    (UserWarning, r".*(TypedStorage|_register_pytree_node|torch\.ao\.quantization).*", ""),
+    (UserWarning, r".*", r"torchao"),
+)
+NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "torch._inductor", "torch.export",
+                 "torch.fx.experimental.symbolic_shapes", "ray", "optuna")
 
 _DONE = False
 
@@ -32,6 +47,19 @@ def configure() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     _DONE = True
+
+
+def quiet() -> None:
+    """Filter the third-party notices in :data:`NOISE_WARNINGS` / :data:`NOISE_LOGGERS` (a
+    logger keeps its errors), so that what autoshrink says is what is on the screen. Called
+    by the command line unless ``--debug``; the Python API leaves the caller's filters alone."""
+    import logging
+    import warnings
+
+    for category, message, module in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _default_cache() -> str:

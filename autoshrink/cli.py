@@ -23,7 +23,9 @@ def _positive(kind: type, *, zero: bool = False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if zero else '>'} 0, got {text}")
+        if not (value >= 0 if zero else value > 0):
             raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
         return value
 
@@ -133,9 +135,54 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=_positive(int), default=None)
 
 
+# files a model is saved as: `export -o` names the folder they are written into
+MODEL_SUFFIXES = (".pt2", ".onnx", ".pt", ".pth", ".xml")
+
+
+def _check_task_flags(args) -> None:
+    """A task flag that does not apply is an error, never silently ignored."""
+    if getattr(args, "checkpoint", None) and not args.model:
+        raise CliError(f"--checkpoint {args.checkpoint} needs --model pkg.module:factory (the architecture "
+                       "to load it into); a built-in task trains its own teacher")
+    if getattr(args, "num_classes", None) is not None and not args.model and not args.data:
+        raise CliError(f"--num-classes {args.num_classes} applies to --model (your factory's classes); "
+                       f"the built-in task {args.task or 'digits'!r} has its own")
+
+
+def _out_file(flag: str, path: str) -> None:
+    """Check that ``path`` can be written as a file before any work: its folder exists, it is no folder."""
+    from pathlib import Path
+
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise CliError(f"{flag} {path} is a folder: name a file (e.g. {p / 'out.png'})")
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise CliError(f"{flag} {path}: the folder {folder} {what}: create it first or fix the path")
+
+
+def _out_folder(flag: str, path: str) -> None:
+    """Check that ``path`` names a folder that is (or can be) there, and is not a model file's name."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() in MODEL_SUFFIXES and not p.is_dir():
+        raise CliError(f"{flag} {path}: {flag} names a folder (model.pt2 and its README are written into it), "
+                       f"not a model file: use {flag} {p.with_suffix('')}")
+    if p.exists() and not p.is_dir():
+        raise CliError(f"{flag} {path} is a file, not a folder: name a folder to write into")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"{flag} {path}: {parent} is a file, not a folder: fix the path")
+            break
+
+
 def _build_task(args):
     from autoshrink import tasks
 
+    _check_task_flags(args)
     if args.model or args.data:
         from autoshrink.tasks.custom import task_from_cli
 
@@ -153,6 +200,14 @@ def _cmd_search(args) -> int:
         raise CliError("give a budget (--budget-ms, --budget-mb, --budget-mmacs) or --max-drop")
     if args.resume and not args.out:
         raise CliError("--resume needs --out DIR (the run folder to continue)")
+    if args.storage and not args.out:  # one run folder for the checks below and for the search
+        import time
+
+        args.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.ray_address:  # tried now, in seconds, not after a teacher trained
+        from autoshrink.search.ray_backend import check_ray_address
+
+        check_ray_address(args.ray_address)
     # The space is checked against the model's architecture before the task is built: a built-in
     # teacher may train for minutes first, and a space error must show in seconds.
     from autoshrink.plan import check_space
@@ -160,11 +215,13 @@ def _cmd_search(args) -> int:
     subject, x = _plan_subject(args)
     model = getattr(subject, "model", subject)
     space = check_space(model, x if x is not None else subject.example_input, args.space)
-    if args.out or args.resume:
+    if args.out or args.resume or args.storage:
         from autoshrink.search import check_run_folder
 
         check_run_folder(args.out, resume=args.resume, storage=args.storage,
                          study_name=args.study_name, space=space, budget=budget)
+    if x is not None and not args.resume:  # a built-in task: a budget nothing meets, before its teacher trains
+        _check_reachable_early(model, x, space, budget, args)
     task = subject if x is None else _build_task(args)
     result = ash.search(
         task, args.space, budget, trials=args.trials, workers=args.workers, out=args.out,
@@ -176,6 +233,19 @@ def _cmd_search(args) -> int:
     )
     _print_summary(result, front_table, plan_table)
     return 0
+
+
+def _check_reachable_early(model, x, space, budget, args) -> None:
+    """The search's reachability check on the untrained architecture (cost and latency do not
+    depend on the weights), so that a budget no configuration meets is refused in seconds."""
+    from types import SimpleNamespace
+
+    from autoshrink.search.config import TrialSettings
+    from autoshrink.search.preflight import check_reachable
+
+    blueprint = SimpleNamespace(model=model, example_input=x, calibration_batches=lambda *a, **k: [x])
+    check_reachable(blueprint, space, budget, TrialSettings(latency_threads=args.latency_threads),
+                    latency=args.ray_address is None)
 
 
 def _print_summary(result, front_table, plan_table) -> None:
@@ -247,6 +317,9 @@ def _counts(df) -> str:
 def _cmd_pareto(args) -> int:
     import autoshrink as ash
 
+    for flag, path in (("--plot", args.plot), ("--html", args.html)):
+        if path is not None:
+            _out_file(flag, path)
     result = ash.load(args.dir)
     html = args.html or f"{args.dir}/pareto.html"
     png = result.plot(args.plot or f"{args.dir}/pareto.png", html=html)
@@ -257,11 +330,14 @@ def _cmd_pareto(args) -> int:
 def _cmd_export(args) -> int:
     import autoshrink as ash
 
+    _out_folder("-o", args.output)
     result = ash.load(args.dir)
     try:
         dest = result.export(args.trial, args.output, onnx=args.onnx)
     except ImportError as exc:  # --onnx without the onnx extra
         raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"-o {args.output}: cannot write there ({exc.strerror or exc})") from None
     print(f"wrote {dest}/model.pt2" + (" and model.onnx" if args.onnx else "")
           + " (README.md there says how to load it)")
     return 0
@@ -286,6 +362,16 @@ def _cmd_sensitivity(args) -> int:
     import autoshrink as ash
     from autoshrink.sensitivity import narrow_space, plot_sensitivity
 
+    # everything that can be wrong with the arguments, before the (long) sensitivity run
+    _check_task_flags(args)
+    if args.space and not args.narrow:
+        raise CliError(f"--space {args.space} is read only to narrow it: add --narrow NARROWED.yaml")
+    space = None
+    if args.narrow:
+        space = ash.SearchSpace.from_yaml(args.space) if args.space else ash.SearchSpace.default()
+    for flag, path in (("--plot", args.plot), ("--csv", args.csv), ("--narrow", args.narrow)):
+        if path is not None:
+            _out_file(flag, path)
     task = _build_task(args)
     df = ash.sensitivity(task, limit=args.limit)
     from rich.console import Console
@@ -295,7 +381,6 @@ def _cmd_sensitivity(args) -> int:
     if args.csv:
         df.to_csv(args.csv, index=False)
     if args.narrow:
-        space = ash.SearchSpace.from_yaml(args.space) if args.space else ash.SearchSpace.default()
         import yaml
 
         narrowed = narrow_space(space, df, max_drop=args.max_drop)
@@ -309,6 +394,7 @@ def _cmd_sensitivity(args) -> int:
 def _plan_subject(args):
     """The task (your --model/--data) or, for a built-in task, an untrained model of its
     architecture: a plan depends on the architecture only, so no teacher trains for it."""
+    _check_task_flags(args)
     if args.model or args.data:
         return _build_task(args), None
     from autoshrink import tasks
@@ -361,6 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0): a code, as for any other outcome
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    if not args.debug:  # third-party notices a user cannot act on; --debug shows them
+        from autoshrink import _env
+
+        _env.quiet()
     from autoshrink.search import SearchError
     from autoshrink.space import SpaceError
     from autoshrink.task import TaskError

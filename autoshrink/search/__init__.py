@@ -42,7 +42,7 @@ from autoshrink.search.preflight import (
     check_reachable,
     uniform_ratios,
 )
-from autoshrink.search.ray_backend import CLUSTER_MODE_VAR
+from autoshrink.search.ray_backend import CLUSTER_MODE_VAR, check_ray_address
 from autoshrink.search.samplers import SAMPLERS, grid_size, make_sampler
 from autoshrink.search.storage import check_run_folder, default_storage, open_study, prepare_out
 from autoshrink.space import SearchSpace
@@ -175,6 +175,8 @@ def search(
 
     budget = budget or Budget()
     validate_counts(trials, workers, minutes)
+    if ray_address:  # in seconds, before anything is compressed
+        check_ray_address(ray_address)
     # None: the bundled default for the model it was written for, else a space derived from the
     # model's graph; "auto"; or a YAML path. Bound and checked here, before anything is compressed.
     space = check_space(task.model, task.example_input, space)

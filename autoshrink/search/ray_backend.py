@@ -16,6 +16,7 @@ from autoshrink.search.config import DEFAULT_LATENCY_TARGET, SearchError
 
 __all__ = [
     "CLUSTER_MODE_VAR",
+    "check_ray_address",
     "latency_meter",
     "loopback_only",
     "ray_reason",
@@ -24,6 +25,42 @@ __all__ = [
 ]
 
 CLUSTER_MODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_CONNECT_TIMEOUT_S = 3.0
+
+
+def check_ray_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Try ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``, as ``ray start --head`` prints it)
+    with a TCP connect of at most ``timeout_s`` seconds, before anything is built or trained:
+    ``ray.init`` on a wrong address retries for minutes and floods the terminal. ``auto``
+    (a cluster started on this machine) is left to Ray.
+
+    Raises:
+        SearchError: an address that does not parse, or nothing answering there in time.
+
+    Example:
+        >>> check_ray_address("127.0.0.1:1")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        autoshrink.search.config.SearchError: --ray-address 127.0.0.1:1: nothing answers there within 3 s ...
+    """
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port_text = hostport.rstrip("/").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SearchError(f"--ray-address {address!r}: expected HOST:PORT (as `ray start --head` prints it, "
+                          "e.g. 10.0.0.5:6379), or drop it to run on this machine")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise SearchError(f"--ray-address {address}: nothing answers there within {timeout_s:g} s ({reason}): "
+                          "is the cluster running (`ray start --head` on that machine) and the address "
+                          "right? Or drop --ray-address to run on this machine") from None
 
 
 def start_ray(address: str | None, num_cpus: int, runtime_env: dict | None = None) -> bool:

@@ -282,8 +282,13 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike, *, model: str | Non
 
     p = Path(path)
     what = f"--checkpoint {p}"
+    if p.is_dir():
+        raise TaskError(f"{what} is a folder, not a checkpoint file: name the .pt file in it")
     if not p.is_file():
         raise TaskError(f"{what}: no such file")
+    if p.stat().st_size == 0:
+        raise TaskError(f"{what} is an empty file (0 bytes): was the save interrupted? Save it again "
+                        "with torch.save(model.state_dict(), path)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
