@@ -60,8 +60,8 @@ class Range(_Strict):
         if self.log and (self.low <= 0 or self.step is not None):
             raise ValueError("log ranges need low > 0 and no step")
         if self.step is not None and self.high > self.low and self.step > self.high - self.low + 1e-12:
-            raise ValueError(f"step {self.step:g} is wider than the range {self.low:g}..{self.high:g}, so only "
-                             f"{self.low:g} could be drawn: use a step <= {self.high - self.low:g}, or one value")
+            raise ValueError(f"step {self.step} is wider than the range {self.low}..{self.high}, so only "
+                             f"{self.low} could be drawn: use a step <= {self.high - self.low:g}, or one value")
         return self
 
     def values(self) -> list[float] | None:

@@ -386,3 +386,210 @@ def test_search_arguments_are_checked_first(kwargs, error, pattern, tmp_path):
 def test_a_negative_budget_is_refused():
     with pytest.raises(ValueError, match=r"budget latency_ms: -1 must be a positive number"):
         ash.Budget(latency_ms=-1)
+
+
+# -- issue 13: a damaged store, storage URLs, YAML limits, flags that do not apply, paths, Ray --------
+class Reached(BaseException):
+    """Raised by the patched teacher training and ray.init: a bad input got past its check."""
+
+
+@pytest.fixture()
+def nothing_runs(monkeypatch):
+    """Teacher training (built-in and custom tasks) and ray.init raise: each case must fail before."""
+    import ray
+
+    import autoshrink.tasks.digits as digits
+
+    def reached(what):
+        def raise_(*_a, **_k):
+            raise Reached(what)
+        return raise_
+
+    monkeypatch.setattr(digits, "train_teacher", reached("the teacher trained"))
+    monkeypatch.setattr(ray, "init", reached("ray.init was called"))
+
+
+def _garbage(folder, data: bytes = b"not a database, just bytes " * 200):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.db").write_bytes(data)
+    return str(folder)
+
+
+def _truncated(folder):
+    _study(folder, trials=3)
+    db = folder / "study.db"
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 3])  # what a full disk or a crash mid-write leaves
+    return str(folder)
+
+
+def _db_folder(folder):
+    (folder / "study.db").mkdir(parents=True)
+    return str(folder)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"b{i}: &b{i} [*{'a' if i == 0 else f'b{i - 1}'}, *{'a' if i == 0 else f'b{i - 1}'}]\n" for i in range(60))
+_S = ["search", "--budget-ms", "5"]
+_SPACE = "layers:\n  - {pattern: 'layer1.*', bits: [8]}\n"
+DAMAGED = r"study\.db is not a database \(damaged\?\): move it away or start with a new --out"
+
+NEW_CASES = [
+    # a damaged or unreadable study.db: every command that opens the folder
+    ("store-garbage-search", lambda d: [*_S, "--out", _garbage(d / "run")], DAMAGED),
+    ("store-garbage-resume", lambda d: [*_S, "--resume", "--out", _garbage(d / "run")],
+     r"--resume: .*study\.db is not a database \(damaged\?\).*`autoshrink recover .*run`"),
+    ("store-truncated-search", lambda d: [*_S, "--out", _truncated(d / "run")],
+     r"study\.db (is not a database|is damaged)"),
+    ("store-truncated-resume", lambda d: [*_S, "--resume", "--out", _truncated(d / "run")],
+     r"--resume: .*study\.db (is not a database|is damaged).*autoshrink recover"),
+    ("store-is-a-folder", lambda d: [*_S, "--out", _db_folder(d / "run")],
+     r"study\.db is a folder, not a database file"),
+    ("store-garbage-show", lambda d: ["show", _garbage(d / "run")], DAMAGED),
+    ("store-garbage-pareto", lambda d: ["pareto", _garbage(d / "run")], DAMAGED),
+    ("store-garbage-export", lambda d: ["export", _garbage(d / "run"), "-o", str(d / "x")], DAMAGED),
+    ("store-truncated-show", lambda d: ["show", _truncated(d / "run")], r"study\.db (is not a database|is damaged)"),
+    ("store-truncated-export", lambda d: ["export", _truncated(d / "run"), "-o", str(d / "x")],
+     r"study\.db (is not a database|is damaged)"),
+    ("store-not-optuna", lambda d: ["show", str(_sqlite(d / "run"))],
+     r"study\.db is an SQLite database but not an Optuna study"),
+    # storage URLs
+    ("storage-not-a-url", lambda d: [*_S, "--storage", "notaurl"],
+     r"--storage 'notaurl' is not a database URL: write it as sqlite:///PATH/study\.db"),
+    ("storage-sqlite-no-folder", lambda d: [*_S, "--storage", "sqlite:////nonexistent/dir/x.db"],
+     r"--storage sqlite:////nonexistent/dir/x\.db: the folder /nonexistent/dir does not exist"),
+    ("storage-unknown-kind", lambda d: [*_S, "--storage", "oracel://u@h/db"],
+     r"unknown database kind 'oracel'"),
+    ("storage-no-server", lambda d: [*_S, "--storage", "postgresql://u@127.0.0.1:1/db"],
+     r"--storage postgresql://u@127\.0\.0\.1:1/db: (no PostgreSQL driver|cannot connect to the database server "
+     r"at 127\.0\.0\.1:1)"),
+    ("storage-garbage-file", lambda d: [*_S, "--storage", f"sqlite:///{_garbage(d / 'db')}/study.db"], DAMAGED),
+    ("show-bad-storage", lambda d: ["show", str(d)], r"no study\.db here"),
+    # YAML with limits, and messages that say what was written, bounded
+    ("yaml-empty", lambda d: [*_S, "--space", _file(d / "s.yaml", "")], r"s\.yaml is empty: expected a YAML mapping"),
+    ("yaml-only-comments", lambda d: [*_S, "--space", _file(d / "s.yaml", "# nothing\n")], r"s\.yaml is empty"),
+    ("yaml-alias-bomb", lambda d: [*_S, "--space", _file(d / "s.yaml", BOMB)],
+     r"s\.yaml:\d+:\d+: more than 100 YAML alias references \(\*name\): is this an alias bomb\?"),
+    ("yaml-too-large", lambda d: [*_S, "--space", _file(d / "s.yaml", "# " + "x" * 1_100_000 + "\n")],
+     r"s\.yaml is 1\.1 MB, over the 1 MB limit for a YAML file"),
+    ("yaml-not-text", lambda d: [*_S, "--space", str(_bytes(d / "s.yaml", b"\xff\xfe\x00bits"))],
+     r"s\.yaml: not a UTF-8 text \(YAML\) file"),
+    ("yaml-is-a-folder", lambda d: [*_S, "--space", str(d)], r"is not a file"),
+    ("yaml-bits-true", lambda d: [*_S, "--space", _file(d / "s.yaml", "layers:\n  - {pattern: '*', bits: true}\n")],
+     r"s\.yaml: layers\[0\]\.bits: true is not one of \[4, 8, 32\]"),
+    ("yaml-bits-true-in-list", lambda d: [*_S, "--space",
+                                          _file(d / "s.yaml", "layers:\n  - {pattern: '*', bits: [8, true]}\n")],
+     r"layers\[0\]\.bits: true is not one of \[4, 8, 32\]"),
+    ("yaml-defaults-bits-false", lambda d: [*_S, "--space", _file(d / "s.yaml", _SPACE + "defaults: {bits: false}\n")],
+     r"s\.yaml: defaults\.bits: false is not one of \[4, 8, 32\]"),
+    ("yaml-batch-size-zero", lambda d: [*_S, "--space", _file(d / "s.yaml", _SPACE + "finetune: {batch_size: 0}\n")],
+     r"s\.yaml: finetune\.batch_size: must be >= 1, got 0"),
+    ("yaml-batch-size-zero-choice", lambda d: [*_S, "--space",
+                                               _file(d / "s.yaml", _SPACE + "finetune: {batch_size: [32, 0]}\n")],
+     r"s\.yaml: finetune\.batch_size: must be >= 1, got \[32, 0\]"),
+    ("yaml-step-wider-than-range", lambda d: [*_S, "--space", _file(
+        d / "s.yaml", "layers:\n  - {pattern: '*', prune: {low: 0.0, high: 0.5, step: 0.75}}\n")],
+     r"s\.yaml: layers\[0\]\.prune: step 0\.75 is wider than the range 0\.0\.\.0\.5"),
+    ("yaml-alpha-range", lambda d: [*_S, "--space",
+                                    _file(d / "s.yaml", _SPACE + "distill: {alpha: {low: 0.3, high: 2.0}}\n")],
+     r"s\.yaml: distill\.alpha: alpha must lie in \[0, 1\], got 0\.3\.\.2\.0$"),
+    ("yaml-temperature-range", lambda d: [*_S, "--space",
+                                          _file(d / "s.yaml",
+                                                _SPACE + "distill: {temperature: {low: 0.0, high: 2.0}}\n")],
+     r"distill\.temperature: temperature must be > 0, got 0\.0\.\.2\.0$"),
+    ("yaml-huge-value-is-excerpted", lambda d: [*_S, "--space",
+                                                _file(d / "s.yaml",
+                                                      "layers:\n  - {pattern: '*', bits: '" + "x" * 5000 + "'}\n")],
+     r"layers\[0\]\.bits: expected a value, a list of choices or a \{low, high\} range \(got 'x{10,80}\.\.\.\)$"),
+    ("yaml-head-rule-prunes", lambda d: [*_S, "--space", _file(d / "s.yaml",
+                                                               "layers:\n  - {pattern: 'layer1.*', bits: [8]}\n"
+                                                               "  - {name: head, pattern: fc, prune: 0.5}\n")],
+     r"s\.yaml: layers\[1\]\.prune: 'head' asks to prune \['fc'\], which are never pruned"),
+    # numbers
+    ("budget-inf", lambda d: ["search", "--budget-ms", "inf"],
+     r"argument --budget-ms: must be a finite number > 0, got inf"),
+    ("budget-nan", lambda d: ["search", "--budget-mb", "nan"],
+     r"argument --budget-mb: must be a finite number > 0, got nan"),
+    ("max-drop-inf", lambda d: ["search", "--max-drop", "inf"], r"argument --max-drop: must be a finite number > 0"),
+    # flags that do not apply are errors, never ignored
+    ("checkpoint-without-model", lambda d: [*_S, "--checkpoint", "x.pt"],
+     r"--checkpoint x\.pt needs --model pkg\.module:factory \(the architecture to load it into\)"),
+    ("num-classes-with-built-in", lambda d: [*_S, "--num-classes", "5"],
+     r"--num-classes 5 applies to --model .*the built-in task 'digits' has its own"),
+    ("plan-checkpoint-without-model", lambda d: ["plan", "--checkpoint", "x.pt"], r"--checkpoint x\.pt needs --model"),
+    ("space-num-classes-built-in", lambda d: ["space", "--num-classes", "3"], r"--num-classes 3 applies to --model"),
+    ("sensitivity-checkpoint-without-model", lambda d: ["sensitivity", "--checkpoint", "x.pt"],
+     r"--checkpoint x\.pt needs --model"),
+    ("sensitivity-bad-space-first", lambda d: ["sensitivity", "--space", _file(d / "bad.yaml", "layers: [\n"),
+                                               "--narrow", str(d / "n.yaml")], r"bad\.yaml:\d+:\d+: YAML syntax error"),
+    ("sensitivity-space-without-narrow", lambda d: ["sensitivity", "--space", _file(d / "s.yaml", _SPACE)],
+     r"--space .*s\.yaml is read only to narrow it: add --narrow NARROWED\.yaml"),
+    ("sensitivity-narrow-no-folder", lambda d: ["sensitivity", "--narrow", "nodir/n.yaml"],
+     r"--narrow nodir/n\.yaml: the folder nodir does not exist"),
+    ("sensitivity-narrow-under-a-file", lambda d: ["sensitivity", "--narrow", "a-file/n.yaml"],
+     r"--narrow a-file/n\.yaml: the folder a-file is a file, not a folder"),
+    ("sensitivity-plot-no-folder", lambda d: ["sensitivity", "--plot", "nodir/s.png"],
+     r"--plot nodir/s\.png: the folder nodir does not exist"),
+    ("sensitivity-csv-is-a-folder", lambda d: ["sensitivity", "--csv", str(d)], r"--csv .* is a folder: name a file"),
+    # paths: -o names a folder; a bad path names its flag
+    ("export-o-model-file", lambda d: ["export", str(_study(d / "run")), "-o", "x/model.pt2"],
+     r"-o x/model\.pt2: -o names a folder \(model\.pt2 and its README are written into it\), not a model "
+     r"file: use -o x/model$"),
+    ("export-o-onnx-file", lambda d: ["export", str(_study(d / "run")), "-o", "m.onnx"]
+     , r"-o m\.onnx: -o names a folder"),
+    ("export-o-is-a-file", lambda d: ["export", str(_study(d / "run")), "-o", "a-file"],
+     r"-o a-file is a file, not a folder"),
+    ("export-o-under-a-file", lambda d: ["export", str(_study(d / "run")), "-o", "a-file/out"],
+     r"-o a-file/out: a-file is a file, not a folder"),
+    ("pareto-plot-no-folder", lambda d: ["pareto", str(_study(d / "run")), "--plot", "nodir/p.png"],
+     r"--plot nodir/p\.png: the folder nodir does not exist"),
+    ("pareto-html-under-a-file", lambda d: ["pareto", str(_study(d / "run")), "--html", "a-file/p.html"],
+     r"--html a-file/p\.html: the folder a-file is a file"),
+    # a Ray cluster that is not there: tried in seconds, before anything is built
+    ("ray-address-nothing-there", lambda d: [*_S, "--ray-address", "127.0.0.1:1"],
+     r"--ray-address 127\.0\.0\.1:1: nothing answers there within 3 s .*`ray start --head`"),
+    ("ray-address-malformed", lambda d: [*_S, "--ray-address", "headnode"],
+     r"--ray-address 'headnode': expected HOST:PORT"),
+    ("ray-address-bad-port", lambda d: [*_S, "--ray-address", "10.0.0.1:99999"], r"expected HOST:PORT"),
+]
+
+
+def _sqlite(folder):
+    import sqlite3
+
+    folder.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(folder / "study.db")
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    return folder
+
+
+def _bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make_argv, pattern", [c[1:] for c in NEW_CASES], ids=[c[0] for c in NEW_CASES])
+def test_issue13_bad_input_fails_before_training_or_ray(make_argv, pattern, tmp_path, monkeypatch, capsys,
+                                                        nothing_runs):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = make_argv(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    code = main(argv)  # Reached (a BaseException) would propagate: teacher or Ray reached
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "Range(" not in err and "[Errno" not in err
+    assert len(lines[0]) < 600, lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing changed, nothing lost, nothing written (no x/model.pt2/ folder)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "runs").exists()
+
+
+def test_issue13_has_thirty_new_cases():
+    assert len(NEW_CASES) >= 30
