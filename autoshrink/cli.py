@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +13,7 @@ from autoshrink.record import OBJECTIVES, State, StudyAttr
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 class CliError(Exception):
@@ -457,10 +460,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     expected = (CliError, SpaceError, TaskError, SearchError, ValueError, OSError, KeyError,
                 TypeError)
+    terminated: list[int] = []
+    previous = _catch_sigterm(terminated)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         print(f"autoshrink: {exc}" if str(exc) else "autoshrink: interrupted", file=sys.stderr)
+        if terminated or getattr(exc, "sigterm", False):
+            # SIGTERM: all is recorded; end now, not after the libraries' exit hooks (seconds)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_TERMINATED)
         return 130
     except expected as exc:
         if args.debug:
@@ -468,6 +478,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"autoshrink: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _catch_sigterm(terminated: list[int]):
+    """SIGTERM stops a command as Ctrl-C does (what is done is recorded; a search's driver chains
+    to this handler), noting it in ``terminated``. Returns the previous handler (None: not set,
+    outside the main thread)."""
+
+    def on_term(signum, _frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

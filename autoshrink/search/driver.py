@@ -85,6 +85,7 @@ class Driver:
         self.out = config.out
         self.timed_out = False  # the `minutes` limit stopped new trials
         self.interrupted = False  # set when Ctrl-C / SIGTERM stopped the run
+        self.terminated = False  # set when SIGTERM did
         self._ray_started = False
         self._code_shipped = False
         self._stop = False
@@ -208,7 +209,7 @@ class Driver:
         budget = self.budget.constraints()
         view = ProgressView(total, self.finished(), enabled=cfg.progress)
         inflight: dict[Any, tuple[optuna.trial.Trial, Candidate]] = {}
-        old_handler = signal.getsignal(signal.SIGTERM)
+        old_handler = signal.getsignal(signal.SIGTERM)  # Ray's own, after start_ray: not chained
         signal.signal(signal.SIGTERM, self._on_term)
         try:
             while not self._stop:
@@ -275,6 +276,7 @@ class Driver:
             view.close()
 
     def _on_term(self, *_args) -> None:
+        self.terminated = True  # the caller may end the process at once once all is recorded
         raise KeyboardInterrupt
 
     def tell(self, trial, cand: Candidate, m: dict) -> None:

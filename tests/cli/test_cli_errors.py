@@ -213,6 +213,8 @@ def user_files(tmp_path_factory):
     (root / "corrupt.pt").write_bytes(b"\x80\x02not a checkpoint at all" * 10)
     (root / "block9.yaml").write_text("layers:\n  - {pattern: 'block9.*', bits: [8]}\n")
     (root / "conv.yaml").write_text("layers:\n  - {pattern: 'conv', bits: [8], prune: [0.0, 0.5]}\n")
+    (root / "head.yaml").write_text("layers:\n  - {pattern: 'conv', bits: [8]}\n  - {pattern: fc, prune: 0.5}\n")
+    (root / "empty.pt").write_bytes(b"")
     return root
 
 
@@ -262,11 +264,25 @@ OWN_CASES = [
      r"has no 'biuld'\. Did you mean 'build'\?"),
     ("data-without-model", ["search", "--budget-ms", "5", "--data", "imagefolder:images"],
      r"--data 'imagefolder:images' needs --model pkg\.module:factory"),
+    # issue 13
+    ("checkpoint-empty", _own("--budget-ms", "5", "--checkpoint", "empty.pt"),
+     r"--checkpoint empty\.pt is an empty file \(0 bytes\): was the save interrupted\?"),
+    ("checkpoint-is-a-folder", _own("--budget-ms", "5", "--checkpoint", "empty"),
+     r"--checkpoint empty is a folder, not a checkpoint file"),
+    ("head-rule-prunes-own-model", _own("--budget-mmacs", "10", "--space", "head.yaml"),
+     r"head\.yaml: layers\[1\]\.prune: 'fc' asks to prune \['fc'\], which are never pruned"),
+    ("own-model-bad-storage", _own("--budget-mmacs", "10", "--space", "conv.yaml", "--storage", "notaurl"),
+     r"--storage 'notaurl' is not a database URL"),
+    ("own-model-ray-address", _own("--budget-mmacs", "10", "--space", "conv.yaml", "--ray-address", "127.0.0.1:1"),
+     r"--ray-address 127\.0\.0\.1:1: nothing answers there within 3 s"),
 ]
 
 
 @pytest.mark.parametrize("argv, pattern", [c[1:] for c in OWN_CASES], ids=[c[0] for c in OWN_CASES])
 def test_bad_model_or_data_is_one_clear_line(argv, pattern, user_files, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
     monkeypatch.chdir(user_files)
     if not (user_files / "wide.pt").exists():  # a checkpoint of the same module, other width
         import importlib
