@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from autoshrink._cliargs import check_task_flags, out_file, out_folder
 from autoshrink.record import OBJECTIVES, State, StudyAttr
 
 __all__ = ["main"]
@@ -138,54 +139,10 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=_positive(int), default=None)
 
 
-# files a model is saved as: `export -o` names the folder they are written into
-MODEL_SUFFIXES = (".pt2", ".onnx", ".pt", ".pth", ".xml")
-
-
-def _check_task_flags(args) -> None:
-    """A task flag that does not apply is an error, never silently ignored."""
-    if getattr(args, "checkpoint", None) and not args.model:
-        raise CliError(f"--checkpoint {args.checkpoint} needs --model pkg.module:factory (the architecture "
-                       "to load it into); a built-in task trains its own teacher")
-    if getattr(args, "num_classes", None) is not None and not args.model and not args.data:
-        raise CliError(f"--num-classes {args.num_classes} applies to --model (your factory's classes); "
-                       f"the built-in task {args.task or 'digits'!r} has its own")
-
-
-def _out_file(flag: str, path: str) -> None:
-    """Check that ``path`` can be written as a file before any work: its folder exists, it is no folder."""
-    from pathlib import Path
-
-    p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise CliError(f"{flag} {path} is a folder: name a file (e.g. {p / 'out.png'})")
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise CliError(f"{flag} {path}: the folder {folder} {what}: create it first or fix the path")
-
-
-def _out_folder(flag: str, path: str) -> None:
-    """Check that ``path`` names a folder that is (or can be) there, and is not a model file's name."""
-    from pathlib import Path
-
-    p = Path(path)
-    if p.suffix.lower() in MODEL_SUFFIXES and not p.is_dir():
-        raise CliError(f"{flag} {path}: {flag} names a folder (model.pt2 and its README are written into it), "
-                       f"not a model file: use {flag} {p.with_suffix('')}")
-    if p.exists() and not p.is_dir():
-        raise CliError(f"{flag} {path} is a file, not a folder: name a folder to write into")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CliError(f"{flag} {path}: {parent} is a file, not a folder: fix the path")
-            break
-
-
 def _build_task(args):
     from autoshrink import tasks
 
-    _check_task_flags(args)
+    check_task_flags(args)
     if args.model or args.data:
         from autoshrink.tasks.custom import task_from_cli
 
@@ -322,7 +279,7 @@ def _cmd_pareto(args) -> int:
 
     for flag, path in (("--plot", args.plot), ("--html", args.html)):
         if path is not None:
-            _out_file(flag, path)
+            out_file(flag, path)
     result = ash.load(args.dir)
     html = args.html or f"{args.dir}/pareto.html"
     png = result.plot(args.plot or f"{args.dir}/pareto.png", html=html)
@@ -333,7 +290,7 @@ def _cmd_pareto(args) -> int:
 def _cmd_export(args) -> int:
     import autoshrink as ash
 
-    _out_folder("-o", args.output)
+    out_folder("-o", args.output)
     result = ash.load(args.dir)
     try:
         dest = result.export(args.trial, args.output, onnx=args.onnx)
@@ -366,7 +323,7 @@ def _cmd_sensitivity(args) -> int:
     from autoshrink.sensitivity import narrow_space, plot_sensitivity
 
     # everything that can be wrong with the arguments, before the (long) sensitivity run
-    _check_task_flags(args)
+    check_task_flags(args)
     if args.space and not args.narrow:
         raise CliError(f"--space {args.space} is read only to narrow it: add --narrow NARROWED.yaml")
     space = None
@@ -374,7 +331,7 @@ def _cmd_sensitivity(args) -> int:
         space = ash.SearchSpace.from_yaml(args.space) if args.space else ash.SearchSpace.default()
     for flag, path in (("--plot", args.plot), ("--csv", args.csv), ("--narrow", args.narrow)):
         if path is not None:
-            _out_file(flag, path)
+            out_file(flag, path)
     task = _build_task(args)
     df = ash.sensitivity(task, limit=args.limit)
     from rich.console import Console
@@ -397,7 +354,7 @@ def _cmd_sensitivity(args) -> int:
 def _plan_subject(args):
     """The task (your --model/--data) or, for a built-in task, an untrained model of its
     architecture: a plan depends on the architecture only, so no teacher trains for it."""
-    _check_task_flags(args)
+    check_task_flags(args)
     if args.model or args.data:
         return _build_task(args), None
     from autoshrink import tasks
