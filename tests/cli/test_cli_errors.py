@@ -6,6 +6,7 @@ arguments, files or run folders before any model is made, or uses a small model 
 
 from __future__ import annotations
 
+import os
 import re
 
 import optuna
@@ -609,3 +610,45 @@ def test_issue13_bad_input_fails_before_training_or_ray(make_argv, pattern, tmp_
 
 def test_issue13_has_thirty_new_cases():
     assert len(NEW_CASES) >= 30
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_store_is_one_line_for_every_command_and_nothing_else_is_lost(damage, tmp_path, monkeypatch,
+                                                                               capsys, nothing_runs):
+    """A run folder as a crash leaves it (trials/ with records, trials.csv, report.md, a saved
+    model): each command names study.db and the fix (`autoshrink recover` where records exist),
+    and no byte of any other file changes."""
+    from autoshrink.recover import write_trial_record
+
+    monkeypatch.chdir(tmp_path)
+    run = _study(tmp_path / "run", trials=3)
+    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{run / 'study.db'}")
+    for t in study.trials:
+        (run / "trials" / f"{t.number:04d}").mkdir(parents=True, exist_ok=True)
+        (run / "trials" / f"{t.number:04d}" / "candidate.json").write_text("{}")
+        write_trial_record(run, t, {"accuracy": 90.0})
+    (run / "trials" / "0000" / "model.pt2").write_bytes(b"a saved model")
+    for name in ("trials.csv", "report.md", "pareto.png"):
+        (run / name).write_text(f"{name} of the run")
+    db = run / "study.db"
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 3] if damage == "truncate" else os.urandom(len(data)))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    commands = {
+        "search --resume": [*_S, "--resume", "--out", str(run)],
+        "new search": [*_S, "--out", str(run)],
+        "show": ["show", str(run)],
+        "pareto": ["pareto", str(run)],
+        "export": ["export", str(run), "--trial", "0", "-o", str(tmp_path / "x")],
+    }
+    for what, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, (what, err)
+        assert re.search(r"study\.db (is not a database \(damaged\?\)|is damaged)", err), (what, err)
+        assert f"`autoshrink recover {run}` rebuilds it from trials/ (3 trial records)" in err, (what, err)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, what
+    assert not (tmp_path / "x").exists()
+    assert main(["recover", str(run)]) == 0  # and then every command reads it again
+    assert main(["show", str(run)]) == 0
