@@ -223,18 +223,20 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
         driver.close()
     study.set_user_attr(StudyAttr.TIMED_OUT, driver.timed_out)
     result = load(config.out, storage=config.storage, study_name=config.study_name, max_drop=config.max_drop)
-    if driver.interrupted:  # Ctrl-C / SIGTERM: what is done is recorded; stop within seconds
+    if driver.terminated:  # SIGTERM: what is done is recorded; end within seconds (plots take longer)
         from autoshrink.report import write_csv_atomic
 
-        write_csv_atomic(result.trials, config.out / "trials.csv")  # the plots and report take seconds more
+        write_csv_atomic(result.trials, config.out / "trials.csv")
+    else:
+        result.write()
+    if driver.interrupted:  # Ctrl-C / SIGTERM: what is done is recorded and written; stop here
+        written = "study.db, trials.csv" if driver.terminated else "trials.csv, pareto.png"
         stop = KeyboardInterrupt(
-            f"interrupted; the trials so far are recorded in {config.out} (study.db, trials.csv; "
-            f"`autoshrink show {config.out}` for the front): continue with --resume (resume=True) "
-            "and the same arguments"
+            f"interrupted; the trials so far are recorded in {config.out} ({written}): "
+            "continue with --resume (resume=True) and the same arguments"
         )
         stop.sigterm = driver.terminated  # the command line then ends at once
         raise stop
-    result.write()
     return result
 
 
