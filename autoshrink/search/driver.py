@@ -299,7 +299,7 @@ class Driver:
             trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
         if state is State.FAIL:
             trial.set_user_attr(TrialAttr.ERROR, m.get(TrialAttr.ERROR) or Reason.NO_REASON)
-            self.study.tell(trial, state=State.FAIL.optuna)
+            frozen = self.study.tell(trial, state=State.FAIL.optuna)
         elif state is State.PRUNED:
             frozen = self.study.tell(trial, state=State.PRUNED.optuna)
         else:
