@@ -109,13 +109,15 @@ def plan_devices(
         if spec == "cpu":
             raise DeviceError(f"--gpus-per-trial {gpus_per_trial:g} needs --device cuda or auto (with "
                               "--device cpu no trial uses a GPU)")
+    if spec == "cpu":  # nothing to count (and no cluster to connect to)
+        return DevicePlan("cpu", 0.0, workers or default_workers())
     gpus, cpus = counts if counts is not None else cluster_counts(ray_address)
     where = f"the Ray cluster at {ray_address}" if ray_address else "this machine"
-    if spec == "cpu" or (spec == "auto" and not gpus):
+    if spec == "auto" and not gpus:
         if gpus_per_trial is not None:
             raise DeviceError(f"--gpus-per-trial {gpus_per_trial:g} needs a GPU, and {where} has none "
                               "(drop --gpus-per-trial, or run on a machine or cluster with GPUs)")
-        return DevicePlan("cpu" if spec == "cpu" else "auto", 0.0, workers or default_workers())
+        return DevicePlan("auto", 0.0, workers or default_workers())
     if not gpus:
         if ray_address is None:
             resolve_device("cuda")  # torch's own one-line reason
