@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from autoshrink.errors import AutoshrinkError
 
-__all__ = ["MODEL_SUFFIXES", "FlagError", "check_task_flags", "out_file", "out_folder"]
+__all__ = ["MODEL_SUFFIXES", "FlagError", "check_device_args", "check_task_flags", "out_file", "out_folder"]
 
 
 class FlagError(AutoshrinkError, ValueError):
@@ -54,3 +54,22 @@ def out_folder(flag: str, path: str) -> None:
             if not parent.is_dir():
                 raise FlagError(f"{flag} {path}: {parent} is a file, not a folder: fix the path")
             break
+
+
+def check_device_args(args) -> None:
+    """The device and data flags, checked before anything is built or trained: ``cuda`` without a
+    GPU, and a flag that does not apply, are one-line errors."""
+    scheme = (args.data or "").partition(":")[0]
+    for flag, value in (("--input-size", args.input_size), ("--normalize", args.normalize),
+                        ("--data-workers", args.data_workers)):
+        if value is not None and scheme != "imagefolder":
+            raise FlagError(f"{flag} applies to image folders: it needs --data imagefolder:DIR"
+                           + (f" (got --data {args.data})" if args.data else ""))
+    if args.command == "search":
+        from autoshrink.search.gpus import plan_devices
+
+        plan_devices(args.device, args.gpus_per_trial, args.workers, args.ray_address)
+    elif hasattr(args, "device"):
+        from autoshrink.device import resolve_device
+
+        resolve_device(args.device)

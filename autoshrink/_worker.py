@@ -30,6 +30,7 @@ def run_trial(
     from autoshrink.budget import Budget
     from autoshrink.candidate import Candidate
     from autoshrink.compress.distill import StopTrial
+    from autoshrink.device import resolve_device
     from autoshrink.measure.latency import MachineLock
     from autoshrink.trial import State, TrialContext, TrialResult, evaluate
 
@@ -57,6 +58,8 @@ def run_trial(
         measure=_remote_measure(context["meter"]) if context.get("meter") is not None else None,
     )
     try:
+        # "auto" here, in the worker: it sees the GPUs Ray gave this trial, not the driver's
+        ctx.device = str(resolve_device(context.get("device", "cpu")))
         cand = Candidate.from_dict(candidate)
         result = evaluate(task, cand, Budget(**budget), ctx, on_latency=latency_box.update)
     except Exception as exc:  # a trial's failure is data, not a crash of the search

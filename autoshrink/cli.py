@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from autoshrink._cliargs import check_task_flags, out_file, out_folder
+from autoshrink._cliargs import check_device_args, check_task_flags, out_file, out_folder
 from autoshrink.record import OBJECTIVES, State, StudyAttr
 
 __all__ = ["main"]
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=_positive(int), default=12,
                    help="candidates to fine-tune (default 12); those that miss the budget are "
                         "measured and recorded but not counted (up to 4x --trials of them)")
-    s.add_argument("--workers", type=_positive(int), default=None, help="trials at once (default: cores/2)")
+    s.add_argument("--workers", type=_positive(int), default=None,
+                   help="trials at once (default: GPUs / --gpus-per-trial when trials use GPUs, else cores/2)")
     s.add_argument("--minutes", type=_positive(float, zero=True), default=12.0,
                    help="start no new trial after this many minutes; the running ones finish, "
                         "--resume continues (default 12, so the default search takes ~15 min "
@@ -84,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-threads", type=_positive(int), default=1)
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
+    _device_arg(s)
+    s.add_argument("--gpus-per-trial", type=_positive(float), default=None, metavar="G",
+                   help="GPUs Ray gives each trial (default 1 with a GPU device; 0.5 packs two on one GPU)")
     _task_args(s)
 
     pa = sub.add_parser("pareto", help="plot the Pareto front of a run")
@@ -113,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="write a narrowed copy of --space here")
     se.add_argument("--space", default=None)
     se.add_argument("--max-drop", type=_positive(float), default=1.0)
+    _device_arg(se)
     _task_args(se)
 
     # plan / space: what a search would do, and the space it would use, without training
@@ -137,18 +142,38 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="state_dict file for --model (weights_only)")
     p.add_argument("--data", default=None, help="imagefolder:DIR or cifar10:DIR")
     p.add_argument("--num-classes", type=_positive(int), default=None)
+    p.add_argument("--input-size", type=_positive(int), default=None, metavar="N",
+                   help="--data imagefolder: crop images to NxN (default: the model's example input)")
+    p.add_argument("--normalize", default=None, choices=["train", "imagenet"],
+                   help="--data imagefolder: mean/std estimated on training images (default) or ImageNet's")
+    p.add_argument("--data-workers", type=_positive(int, zero=True), default=None, metavar="N",
+                   help="--data imagefolder: DataLoader processes decoding images (default: half the "
+                        "CPUs up to 4 on CUDA, none on the CPU)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                   help="where teachers train and trials fine-tune (default auto: CUDA where there is a GPU); "
+                        "lowering and latency timing stay on the CPU")
 
 
 def _build_task(args):
     from autoshrink import tasks
 
     check_task_flags(args)
+    # where a teacher trained here trains: the device asked for, on this machine (with a
+    # cluster, this machine may have no GPU: it trains where it can)
+    device = getattr(args, "device", "cpu")
+    if getattr(args, "ray_address", None) and device != "cpu":
+        device = "auto"
     if args.model or args.data:
         from autoshrink.tasks.custom import task_from_cli
 
         return task_from_cli(model=args.model, checkpoint=args.checkpoint, data=args.data,
-                             task=args.task, num_classes=args.num_classes)
-    return tasks.get(args.task or "digits", progress=not getattr(args, "no_progress", False))
+                             task=args.task, num_classes=args.num_classes, input_size=args.input_size,
+                             normalize=args.normalize or "train", data_workers=args.data_workers,
+                             device=device)
+    return tasks.get(args.task or "digits", progress=not getattr(args, "no_progress", False), device=device)
 
 
 def _cmd_search(args) -> int:
@@ -168,6 +193,7 @@ def _cmd_search(args) -> int:
         from autoshrink.search.ray_backend import check_ray_address
 
         check_ray_address(args.ray_address)
+    check_device_args(args)
     # The space is checked against the model's architecture before the task is built: a built-in
     # teacher may train for minutes first, and a space error must show in seconds.
     from autoshrink.plan import check_space
@@ -190,6 +216,7 @@ def _cmd_search(args) -> int:
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
         minutes=args.minutes if args.minutes and args.minutes > 0 else None,
+        device=args.device, gpus_per_trial=args.gpus_per_trial,
     )
     _print_summary(result, front_table, plan_table)
     return 0
@@ -221,6 +248,9 @@ def _print_summary(result, front_table, plan_table) -> None:
                       f"{result.out} (and --minutes) to run the remaining trials.")
     mode = f"; the fastest within {result.max_drop:g} points of the teacher" if result.max_drop else ""
     console.print(f"Budget: {result.budget.describe()}{mode}.")
+    from autoshrink.report import where_text
+
+    console.print(where_text(df, result.meta), highlight=False)
     failed = df.loc[df["state"] == State.FAIL, "error"].value_counts()
     for error, n in failed.head(3).items():
         console.print(f"  [red]failed[/red] ×{n}: {error[:160]}", highlight=False)
@@ -332,8 +362,9 @@ def _cmd_sensitivity(args) -> int:
     for flag, path in (("--plot", args.plot), ("--csv", args.csv), ("--narrow", args.narrow)):
         if path is not None:
             out_file(flag, path)
+    check_device_args(args)
     task = _build_task(args)
-    df = ash.sensitivity(task, limit=args.limit)
+    df = ash.sensitivity(task, limit=args.limit, device=args.device)
     from rich.console import Console
 
     Console().print(df.to_string(index=False))
@@ -367,6 +398,7 @@ def _cmd_plan(args) -> int:
     from autoshrink.plan import plan, render
 
     budget = ash.Budget(latency_ms=args.budget_ms, size_mb=args.budget_mb, mmacs=args.budget_mmacs)
+    check_device_args(args)
     subject, x = _plan_subject(args)
     print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency)), end="")
     return 0
@@ -375,6 +407,7 @@ def _cmd_plan(args) -> int:
 def _cmd_space(args) -> int:
     from autoshrink.space.auto import auto_space, space_to_yaml
 
+    check_device_args(args)
     subject, x = _plan_subject(args)
     model = getattr(subject, "model", subject)
     text = space_to_yaml(auto_space(model, x if x is not None else subject.example_input))

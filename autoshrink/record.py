@@ -135,9 +135,12 @@ class StudyAttr:
     BUDGET_EDGE = "budget_edge"  # see autoshrink.search.budget_edge
     TIMED_OUT = "timed_out"  # the `minutes` limit stopped new trials
     LATENCY_MEASURED_ON = "latency_measured_on"  # the Ray node that timed latency, if not each worker
+    DEVICE = "device"  # where trials fine-tune, as asked (cpu / cuda / auto); each trial's finetune_device says where
+    GPUS_PER_TRIAL = "gpus_per_trial"  # Ray's num_gpus per trial
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
-           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON)
+           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
+           GPUS_PER_TRIAL)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -176,10 +179,12 @@ class TrialAttr:
     # sweeps: the given candidate (flat) and its position in the list given
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
+    FINETUNE_DEVICE = "finetune_device"  # where the fine-tune ran: "cpu", "cuda:0 (NVIDIA H200)"
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
-           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX)
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
+           FINETUNE_DEVICE)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -187,7 +192,7 @@ METRIC_ATTRS = (
     TrialAttr.ACCURACY, TrialAttr.ACCURACY_SE, TrialAttr.LATENCY_MS, TrialAttr.LATENCY_IQR_MS,
     TrialAttr.SIZE_MB, TrialAttr.MMACS, TrialAttr.BOPS, TrialAttr.PARAMS, TrialAttr.MEETS_BUDGET,
     TrialAttr.FINETUNE_S, TrialAttr.COMPRESS_S, TrialAttr.MEASURE_S, TrialAttr.EVALUATE_S,
-    TrialAttr.ERROR,
+    TrialAttr.ERROR, TrialAttr.FINETUNE_DEVICE,
 )
 #: the per-trial records stored beside the metrics, when not empty
 RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS)

@@ -27,6 +27,8 @@ COLUMNS = [
     "params", "meets_budget", "finetune_s", "error",
 ]
 EXTRA = ["latency_iqr_ms", "compress_s", "measure_s", "evaluate_s"]
+#: text columns beyond those (never read as numbers)
+TEXT_EXTRA = [TrialAttr.FINETUNE_DEVICE]
 
 
 def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60) -> dict:
@@ -42,7 +44,7 @@ def trials_frame(study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         row: dict[str, Any] = {"number": t.number, "state": State.of(t).value}
-        for key in COLUMNS[2:] + EXTRA:
+        for key in COLUMNS[2:] + EXTRA + TEXT_EXTRA:
             row[key] = a.get(key)
         if row["state"] == State.FAIL and not row["error"]:
             row["error"] = Reason.NO_REASON
@@ -55,13 +57,13 @@ def trials_frame(study) -> pd.DataFrame:
             row[TrialAttr.CANDIDATE_INDEX] = a[TrialAttr.CANDIDATE_INDEX]
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
-    for col in COLUMNS + EXTRA:
+    for col in COLUMNS + EXTRA + TEXT_EXTRA:
         if col not in df:
             df[col] = None
     num = [c for c in COLUMNS + EXTRA if c not in ("state", "error", "meets_budget", "number")]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
     df["error"] = df["error"].fillna("").astype(str)
-    ordered = COLUMNS + EXTRA + sorted(c for c in df.columns if c.startswith("param_"))
+    ordered = COLUMNS + EXTRA + TEXT_EXTRA + sorted(c for c in df.columns if c.startswith("param_"))
     ordered += [TrialAttr.CANDIDATE_INDEX] if TrialAttr.CANDIDATE_INDEX in df.columns else []
     return df[ordered].sort_values("number").reset_index(drop=True)
 
@@ -224,7 +226,7 @@ class SearchResult:
 
     def write(self) -> dict[str, Path]:
         """Write ``trials.csv``, ``pareto.png``, ``pareto.html``, ``report.md`` and ``best/``."""
-        from autoshrink.report import write_csv_atomic, write_report_md
+        from autoshrink.report import where_text, write_csv_atomic, write_report_md
 
         files = {}
         files["trials"] = self.out / "trials.csv"
@@ -242,6 +244,7 @@ class SearchResult:
             constraints=self.budget.constraints(), plot_name="pareto.png",
             nearest=self.nearest() if best is None else None, baseline=self.baseline,
             ties=self.near_ties() if best is not None else None,
+            where=where_text(self.trials, self.meta),
         )
         return files
 

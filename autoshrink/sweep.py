@@ -74,6 +74,8 @@ def sweep(
     threads_per_worker: int | None = None,
     latency_runs: int = 60,
     progress: bool = True,
+    device: str = "cpu",
+    gpus_per_trial: float | None = None,
 ) -> pd.DataFrame:
     """Evaluate each candidate exactly as a search trial would, and return the trials table.
 
@@ -81,8 +83,8 @@ def sweep(
         task: teacher, data, metric.
         candidates: configurations to try (e.g. :func:`grid`).
         budget: limits; a candidate that misses them is measured but not fine-tuned.
-        workers, seed, ray_address, threads_per_worker, latency_runs, progress: as in
-            :func:`autoshrink.search`.
+        workers, seed, ray_address, threads_per_worker, latency_runs, progress, device,
+            gpus_per_trial: as in :func:`autoshrink.search`.
         out: run folder (default ``runs/sweep-<timestamp>``); reopen with ``autoshrink.load``.
 
     Returns:
@@ -108,8 +110,8 @@ def sweep(
         TrialSettings,
         default_storage,
         default_threads,
-        default_workers,
         open_study,
+        plan_devices,
         prepare_out,
         run_trials,
     )
@@ -121,14 +123,16 @@ def sweep(
     if not cands:
         raise ValueError("no candidates to evaluate")
     budget = budget or Budget()
+    devices = plan_devices(device, gpus_per_trial, workers, ray_address)  # before any file or model
     out_dir = prepare_out(out if out is not None else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     import optuna
 
     study = open_study(default_storage(out_dir), "autoshrink", optuna.samplers.RandomSampler(seed=seed), False,
                        out_dir, None)
-    workers = workers or default_workers()
+    workers = devices.workers
     settings = TrialSettings(threads=threads_per_worker or default_threads(workers), latency_threads=1,
-                             latency_runs=latency_runs, seed=seed)
+                             latency_runs=latency_runs, seed=seed, device=devices.device,
+                             gpus_per_trial=devices.gpus_per_trial)
     config = DriverConfig(budget=budget, out=out_dir, workers=workers, settings=settings,
                           ray_address=ray_address, early_stopping=False, progress=progress)
     queue = iter(start_order(task, cands, workers))
@@ -142,7 +146,8 @@ def sweep(
         return cand
 
     run_trials(task, study, len(cands), config, propose=propose,
-               meta={StudyAttr.KIND: KIND_SWEEP, StudyAttr.SEED: seed, StudyAttr.TRIALS: len(cands)})
+               meta={StudyAttr.KIND: KIND_SWEEP, StudyAttr.SEED: seed, StudyAttr.TRIALS: len(cands),
+                     StudyAttr.DEVICE: devices.device, StudyAttr.GPUS_PER_TRIAL: devices.gpus_per_trial})
     result = load(out_dir)
     result.write()
     df = result.trials.sort_values(TrialAttr.CANDIDATE_INDEX, kind="stable").reset_index(drop=True)

@@ -91,6 +91,7 @@ class TrialResult:
     skipped_layers: dict[str, str] = field(default_factory=dict)
     fp32_layers: dict[str, str] = field(default_factory=dict)  # asked to quantize, left fp32: why
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # fvcore could not count: mmacs is "at least"
+    finetune_device: str | None = None  # where the fine-tune ran: "cpu", "cuda:0 (NVIDIA H200)"
 
     def metrics(self) -> dict:
         d = asdict(self)
@@ -198,7 +199,7 @@ def evaluate(
     t0 = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     try:
-        finetune(
+        tuned = finetune(
             student,
             task,
             candidate,
@@ -214,6 +215,7 @@ def evaluate(
         result.state = State.PRUNED
         return result
     result.finetune_s = time.perf_counter() - t0
+    result.finetune_device = tuned.device
 
     # 5. accuracy of what would be deployed
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 
 import autoshrink as ash
 from autoshrink.cli import main
-from autoshrink.record import State
+from autoshrink.record import State, StudyAttr, TrialAttr
 from autoshrink.result import COLUMNS, EXTRA
 from autoshrink.sweep import candidate_params, start_order
 
@@ -69,6 +69,9 @@ def test_sweep_returns_the_trials_of_a_search(swept):
     # over the size budget: its cost is measured, it is never fine-tuned
     assert not fp32["meets_budget"] and fp32["size_mb"] > 0.05
     assert pd.isna(fp32["accuracy"]) and fp32["finetune_s"] == 0
+    # where each fine-tune ran (none for the one never fine-tuned), also in trials.csv
+    assert int8[TrialAttr.FINETUNE_DEVICE] == "cpu" and pd.isna(fp32[TrialAttr.FINETUNE_DEVICE])
+    assert pd.read_csv(out / "trials.csv")[TrialAttr.FINETUNE_DEVICE].fillna("").tolist() == ["cpu", ""]
     assert fp32["mmacs"] > 0 and fp32["params"] == int8["params"]  # neither is pruned
 
 
@@ -91,6 +94,9 @@ def test_sweep_is_a_run_folder(swept):
     result = ash.load(df.attrs["out"])
     pd.testing.assert_frame_equal(result.trials, df, check_like=False)
     assert result.meta["kind"] == "sweep" and result.budget == ash.Budget(size_mb=0.05)
+    assert (result.meta[StudyAttr.DEVICE], result.meta[StudyAttr.GPUS_PER_TRIAL]) == ("cpu", 0.0)
+    assert ("Fine-tuned on cpu; latency timed on the CPU of each trial's machine (runtime inductor)."
+            in (out / "report.md").read_text())
     assert result.teacher["accuracy"] > 0 and result.teacher["latency_ms"] > 0
     assert int(result.best["number"]) == 0
     assert result.candidate(1) == ash.grid(bits=[32], steps=[10], batch_size=32)[0]
@@ -103,6 +109,7 @@ def test_show_and_pareto_on_a_sweep(swept, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "2 trials: 2 complete (1 missed the budget, not fine-tuned)" in text
     assert "Chosen: trial #0" in text and "Compression plan of trial #0" in text
+    assert "Fine-tuned on cpu; latency timed on the CPU of each trial's machine" in text
     assert main(["pareto", str(out), "--plot", str(tmp_path / "p.png"),
                  "--html", str(tmp_path / "p.html")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

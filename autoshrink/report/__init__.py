@@ -23,6 +23,7 @@ from autoshrink.report.formatting import AXIS_COLUMNS
 from autoshrink.report.html import plot_pareto_html
 from autoshrink.report.markdown import baseline_text, near_ties_text, write_report_md
 from autoshrink.report.png import plot_pareto
+from autoshrink.report.provenance import where_text
 from autoshrink.report.records import ParetoPlotData, pareto_plot_data
 from autoshrink.report.terminal import chosen_table, front_table, nearest_table, plan_table, trials_table
 
@@ -40,5 +41,6 @@ __all__ = [
     "plot_pareto_html",
     "trials_table",
     "write_csv_atomic",
+    "where_text",
     "write_report_md",
 ]

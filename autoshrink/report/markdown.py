@@ -39,6 +39,7 @@ def write_report_md(
     nearest: pd.DataFrame | None = None,
     baseline: tuple[pd.Series, str] | None = None,
     ties: pd.DataFrame | None = None,
+    where: str | None = None,
 ) -> Path:
     """Write a Markdown report: budget, teacher, chosen model and its gains, the front, the plot.
 
@@ -59,6 +60,8 @@ def write_report_md(
             :attr:`autoshrink.SearchResult.baseline`): the chosen model is compared with it.
         ties: trials as accurate as the chosen one within its standard error and cheaper to run
             (:meth:`autoshrink.SearchResult.near_ties`), pointed out below it.
+        where: where trials fine-tuned and latency was timed (:func:`autoshrink.report.where_text`),
+            shown under the budget.
 
     Returns:
         The path written.
@@ -80,6 +83,8 @@ def write_report_md(
     else:
         out.append("No budget: the most accurate trial is chosen.")
     out.append("")
+    if where:
+        out += [where, ""]
 
     metrics = [c for c in ("accuracy", "latency_ms", "size_mb", "mmacs", "bops", "params")
                if c in teacher or (chosen is not None and c in chosen.index)]

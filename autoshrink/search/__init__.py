@@ -35,6 +35,7 @@ from autoshrink.search.config import (
     validate_counts,
 )
 from autoshrink.search.driver import Driver, run_trials
+from autoshrink.search.gpus import DevicePlan, plan_devices
 from autoshrink.search.preflight import (
     budget_edge,
     cheapest,
@@ -59,6 +60,7 @@ __all__ = [
     "SAMPLERS",
     "SCREEN_FACTOR",
     "SURPLUS",
+    "DevicePlan",
     "Driver",
     "DriverConfig",
     "FirstChoice",
@@ -77,6 +79,7 @@ __all__ = [
     "default_workers",
     "make_sampler",
     "open_study",
+    "plan_devices",
     "prepare_out",
     "run_trials",
     "search",
@@ -113,6 +116,8 @@ def search(
     latency_target: str | None = None,
     screening: bool = True,
     minutes: float | None = None,
+    device: str = "cpu",
+    gpus_per_trial: float | None = None,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -124,7 +129,8 @@ def search(
         trials: candidates to fine-tune in the study (a resumed study counts its finished
             trials). A candidate that misses the budget is measured (seconds), recorded and not
             fine-tuned; with ``screening`` it does not count, up to ``4 × trials`` of them.
-        workers: trials in flight at once (default: :func:`default_workers`).
+        workers: trials in flight at once (default: ``floor(GPUs / gpus_per_trial)`` when trials
+            use GPUs, else :func:`default_workers`).
         out: run folder (default ``runs/<timestamp>``).
         resume: continue the study in ``out`` (interrupted trials are failed and re-run).
         seed: seeds the sampler and fine-tuning; the same seed, space and task give the same
@@ -150,11 +156,18 @@ def search(
             there); False: every candidate counts. Off for ``sampler="grid"`` (each point once).
         minutes: start no new trial after this many minutes (the running ones finish; the
             result's ``meta["timed_out"]`` says so; ``resume=True`` continues). None: no limit.
+        device: where trials fine-tune and validate (``"cpu"``, ``"cuda"``, ``"auto"``: CUDA in
+            each Ray worker that Ray gave a GPU); lowering and latency timing stay on the CPU.
+            Checked before anything runs (see :func:`autoshrink.search.gpus.plan_devices`).
+        gpus_per_trial: GPUs Ray gives each trial (default 1 when trials use a GPU; 0.5 packs
+            two fine-tunes on one GPU). ``workers`` then defaults to ``floor(GPUs / gpus_per_trial)``.
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
 
     Raises:
+        DeviceError: ``device="cuda"`` without a GPU (here, or in the cluster at ``ray_address``),
+            or a ``gpus_per_trial`` that does not apply or cannot be granted.
         SearchError: unusable run folder, resume mismatch, unknown sampler, or a budget that
             even the space's cheapest configuration misses (the message names the minimum).
         TaskError: a model that ``torch.export`` cannot capture.
@@ -177,12 +190,14 @@ def search(
     validate_counts(trials, workers, minutes)
     if ray_address:  # in seconds, before anything is compressed
         check_ray_address(ray_address)
+    # before anything is built or timed: --device cuda without a GPU fails in seconds
+    devices = plan_devices(device, gpus_per_trial, workers, ray_address)
     # None: the bundled default for the model it was written for, else a space derived from the
     # model's graph; "auto"; or a YAML path. Bound and checked here, before anything is compressed.
     space = check_space(task.model, task.example_input, space)
     out_dir = check_run_folder(out, resume=resume, storage=storage, study_name=study_name,
                                space=space, budget=budget)
-    workers = workers or default_workers()
+    workers = devices.workers
     sampler_obj = make_sampler(sampler, seed, space)
     size = grid_size(sampler_obj)
     if size is not None:  # grid: each point once, plus the baselines
@@ -192,7 +207,8 @@ def search(
         study_name=study_name, join=storage is not None, resume=resume, seed=seed, sampler=sampler,
         ray_address=ray_address,
         settings=TrialSettings(threads=threads_per_worker or default_threads(workers),
-                               latency_threads=latency_threads, latency_runs=latency_runs, seed=seed),
+                               latency_threads=latency_threads, latency_runs=latency_runs, seed=seed,
+                               device=devices.device, gpus_per_trial=devices.gpus_per_trial),
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
     )
@@ -211,7 +227,9 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
     screen_limit = 0 if grid_size(sampler_obj) is not None or not config.screening else SCREEN_FACTOR * config.trials
     driver = Driver(task=task, space=space, study=study, config=config.driver(budget, screen_limit))
     driver.record_meta(**{StudyAttr.SAMPLER: config.sampler, StudyAttr.SEED: config.seed,
-                          StudyAttr.TRIALS: config.trials, StudyAttr.MAX_DROP: config.max_drop})
+                          StudyAttr.TRIALS: config.trials, StudyAttr.MAX_DROP: config.max_drop,
+                          StudyAttr.DEVICE: config.settings.device,
+                          StudyAttr.GPUS_PER_TRIAL: config.settings.gpus_per_trial})
     requeue = driver.fail_interrupted()
     if config.enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not config.resume:
         _enqueue_baselines(task, space, budget, config, study)

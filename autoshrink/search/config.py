@@ -61,6 +61,9 @@ class TrialSettings:
         latency_runs: timed runs per latency measurement.
         seed: seeds fine-tuning (trial ``n`` uses ``seed + n``).
         lock_dir: the machine lock's folder (None: the default).
+        device: where each trial fine-tunes (``"cpu"``, ``"cuda"``, ``"auto"``: resolved inside
+            the Ray worker; see :func:`autoshrink.search.gpus.plan_devices`).
+        gpus_per_trial: Ray's ``num_gpus`` for each trial (0: none; a fraction packs several).
     """
 
     threads: int = 1
@@ -68,6 +71,8 @@ class TrialSettings:
     latency_runs: int = 60
     seed: int = 0
     lock_dir: str | None = None
+    device: str = "cpu"
+    gpus_per_trial: float = 0.0
 
 
 @dataclass(frozen=True)

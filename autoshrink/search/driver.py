@@ -194,9 +194,12 @@ class Driver:
         if not self._code_shipped:
             ship_user_code_by_value(self.task)
         task_ref = ray.put(self.task)
-        logits = teacher_logits(self.task.model, self.task.train_data)
+        # on the driver's own GPU if it has one (with a cluster, the driver may have none)
+        logits = teacher_logits(self.task.model, self.task.train_data,
+                                device="cpu" if settings.device == "cpu" else "auto")
         logits_ref = ray.put(logits)
-        remote = ray.remote(num_cpus=settings.threads, max_retries=1)(run_trial)
+        remote = ray.remote(num_cpus=settings.threads, num_gpus=settings.gpus_per_trial,
+                            max_retries=1)(run_trial)
         rungs = ray.remote(num_cpus=0)(Rungs).remote() if cfg.early_stopping else None
         if rungs is not None:  # a resumed study's earlier fine-tunes still count as rivals
             rungs.seed.remote({
@@ -240,6 +243,7 @@ class Driver:
                         "seed": settings.seed + trial.number,
                         "lock_dir": settings.lock_dir,
                         "meter": meter,
+                        "device": settings.device,  # "auto" is resolved in the worker, on its GPUs
                     }
                     ref = remote.remote(task_ref, cand.to_dict(), budget, ctx, logits_ref, rungs,
                                         trial.number)
@@ -297,7 +301,7 @@ class Driver:
             trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
         if state is State.FAIL:
             trial.set_user_attr(TrialAttr.ERROR, m.get(TrialAttr.ERROR) or Reason.NO_REASON)
-            self.study.tell(trial, state=State.FAIL.optuna)
+            frozen = self.study.tell(trial, state=State.FAIL.optuna)
         elif state is State.PRUNED:
             frozen = self.study.tell(trial, state=State.PRUNED.optuna)
         else:
