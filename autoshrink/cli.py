@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "grid"],
                    help="tpe (default), nsga2, random, or grid (spaces without continuous ranges)")
     s.add_argument("--latency-threads", type=_positive(int), default=1)
+    s.add_argument("--runtime", default="inductor", choices=["inductor", "onnxruntime", "openvino"],
+                   help="deployment runtime to time, evaluate and export in (default inductor; "
+                        "onnxruntime and openvino are extras: pip install \"autoshrink[onnxruntime]\")")
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     _task_args(s)
@@ -120,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
             q.add_argument("--budget-mb", type=_positive(float), help="size budget (MB)")
             q.add_argument("--budget-mmacs", type=_positive(float), help="compute budget (million MACs)")
             q.add_argument("--no-latency", action="store_true", help="do not compile and time the cheapest candidate")
+            q.add_argument("--runtime", default="inductor", choices=["inductor", "onnxruntime", "openvino"],
+                           help="deployment runtime to time the cheapest candidate in (default inductor)")
         else:
             q.add_argument("-o", "--output", default=None, help="YAML file to write (default: print it)")
         _task_args(q)
@@ -153,6 +158,9 @@ def _cmd_search(args) -> int:
         raise CliError("give a budget (--budget-ms, --budget-mb, --budget-mmacs) or --max-drop")
     if args.resume and not args.out:
         raise CliError("--resume needs --out DIR (the run folder to continue)")
+    from autoshrink.runtimes import get as get_runtime
+
+    get_runtime(args.runtime)  # its extra missing: one line, before a teacher trains
     # The space is checked against the model's architecture before the task is built: a built-in
     # teacher may train for minutes first, and a space error must show in seconds.
     from autoshrink.plan import check_space
@@ -172,7 +180,7 @@ def _cmd_search(args) -> int:
         study_name=args.study_name, ray_address=args.ray_address, latency_target=args.latency_target,
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
-        minutes=args.minutes if args.minutes and args.minutes > 0 else None,
+        minutes=args.minutes if args.minutes and args.minutes > 0 else None, runtime=args.runtime,
     )
     _print_summary(result, front_table, plan_table)
     return 0
@@ -322,7 +330,8 @@ def _cmd_plan(args) -> int:
 
     budget = ash.Budget(latency_ms=args.budget_ms, size_mb=args.budget_mb, mmacs=args.budget_mmacs)
     subject, x = _plan_subject(args)
-    print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency)), end="")
+    print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency,
+                      runtime=args.runtime)), end="")
     return 0
 
 
@@ -367,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     expected = (CliError, SpaceError, TaskError, SearchError, ValueError, OSError, KeyError,
                 TypeError)
+    from autoshrink.runtimes import MissingRuntimeError
+
+    expected += (MissingRuntimeError,)  # --runtime without its extra: the pip command, one line
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:

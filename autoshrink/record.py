@@ -135,9 +135,10 @@ class StudyAttr:
     BUDGET_EDGE = "budget_edge"  # see autoshrink.search.budget_edge
     TIMED_OUT = "timed_out"  # the `minutes` limit stopped new trials
     LATENCY_MEASURED_ON = "latency_measured_on"  # the Ray node that timed latency, if not each worker
+    RUNTIME = "runtime"  # the deployment runtime every latency and accuracy was taken in
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
-           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON)
+           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, RUNTIME)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -176,10 +177,16 @@ class TrialAttr:
     # sweeps: the given candidate (flat) and its position in the list given
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
+    # the runtime that timed the trial (metrics, trials.csv columns) and its float layers (a record)
+    RUNTIME = "runtime"
+    RUNTIME_VERSION = "runtime_version"
+    LATENCY_THREADS = "latency_threads"
+    RUNTIME_FP32_LAYERS = "runtime_fp32_layers"  # layer -> why that runtime runs it with a float kernel
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
-           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX)
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
+           RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -187,10 +194,10 @@ METRIC_ATTRS = (
     TrialAttr.ACCURACY, TrialAttr.ACCURACY_SE, TrialAttr.LATENCY_MS, TrialAttr.LATENCY_IQR_MS,
     TrialAttr.SIZE_MB, TrialAttr.MMACS, TrialAttr.BOPS, TrialAttr.PARAMS, TrialAttr.MEETS_BUDGET,
     TrialAttr.FINETUNE_S, TrialAttr.COMPRESS_S, TrialAttr.MEASURE_S, TrialAttr.EVALUATE_S,
-    TrialAttr.ERROR,
+    TrialAttr.ERROR, TrialAttr.RUNTIME, TrialAttr.RUNTIME_VERSION, TrialAttr.LATENCY_THREADS,
 )
 #: the per-trial records stored beside the metrics, when not empty
-RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS)
+RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.RUNTIME_FP32_LAYERS)
 #: Optuna's system attribute holding an enqueued trial's given params
 FIXED_PARAMS = "fixed_params"
 

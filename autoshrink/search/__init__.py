@@ -113,6 +113,7 @@ def search(
     latency_target: str | None = None,
     screening: bool = True,
     minutes: float | None = None,
+    runtime: str = "inductor",
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -150,6 +151,9 @@ def search(
             there); False: every candidate counts. Off for ``sampler="grid"`` (each point once).
         minutes: start no new trial after this many minutes (the running ones finish; the
             result's ``meta["timed_out"]`` says so; ``resume=True`` continues). None: no limit.
+        runtime: the deployment runtime (``"inductor"``, ``"onnxruntime"``, ``"openvino"``): every
+            latency (gate, teacher in fp32) is timed in it, the fine-tuned model is evaluated in it,
+            and ``best/`` holds its artifact (``model.onnx``, ``model.xml``/``.bin``).
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -161,6 +165,9 @@ def search(
         KeyboardInterrupt: after Ctrl-C or SIGTERM, once the trials so far are recorded and the
             run folder's files written (``resume=True`` continues).
         SpaceError: a space that does not fit the model, or a continuous knob with ``sampler="grid"``.
+        ValueError: an unknown ``runtime``.
+        MissingRuntimeError: ``runtime``'s optional extra is not installed (one line with the
+            ``pip install`` command), before any training.
 
     Example:
         >>> import autoshrink as ash
@@ -175,6 +182,9 @@ def search(
 
     budget = budget or Budget()
     validate_counts(trials, workers, minutes)
+    from autoshrink.runtimes import get as get_runtime
+
+    get_runtime(runtime)  # unknown, or its extra missing: one line, before anything is trained
     # None: the bundled default for the model it was written for, else a space derived from the
     # model's graph; "auto"; or a YAML path. Bound and checked here, before anything is compressed.
     space = check_space(task.model, task.example_input, space)
@@ -190,7 +200,8 @@ def search(
         study_name=study_name, join=storage is not None, resume=resume, seed=seed, sampler=sampler,
         ray_address=ray_address,
         settings=TrialSettings(threads=threads_per_worker or default_threads(workers),
-                               latency_threads=latency_threads, latency_runs=latency_runs, seed=seed),
+                               latency_threads=latency_threads, latency_runs=latency_runs, seed=seed,
+                               runtime=runtime),
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
     )

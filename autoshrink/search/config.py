@@ -61,6 +61,8 @@ class TrialSettings:
         latency_runs: timed runs per latency measurement.
         seed: seeds fine-tuning (trial ``n`` uses ``seed + n``).
         lock_dir: the machine lock's folder (None: the default).
+        runtime: the deployment runtime latency and accuracy are taken in (see
+            :mod:`autoshrink.runtimes`).
     """
 
     threads: int = 1
@@ -68,6 +70,7 @@ class TrialSettings:
     latency_runs: int = 60
     seed: int = 0
     lock_dir: str | None = None
+    runtime: str = "inductor"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,11 @@ class SearchConfig:
     latency_target: str | None
     screening: bool
     minutes: float | None
+
+    @property
+    def runtime(self) -> str:
+        """The deployment runtime the search times, evaluates and exports in."""
+        return self.settings.runtime
 
     @property
     def time_here(self) -> bool:

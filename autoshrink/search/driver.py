@@ -109,7 +109,8 @@ class Driver:
         if StudyAttr.TEACHER not in attrs:
             settings = self.config.settings
             s.set_user_attr(StudyAttr.TEACHER, measure_teacher(self.task, settings.latency_threads,
-                                                                settings.latency_runs))
+                                                                settings.latency_runs, runtime=settings.runtime))
+        s.set_user_attr(StudyAttr.RUNTIME, self.config.settings.runtime)
 
     def fail_interrupted(self) -> list[tuple[int, dict]]:
         """Trials a stopped driver left unfinished, to re-run: those a killed driver left RUNNING
@@ -159,7 +160,7 @@ class Driver:
         :func:`autoshrink.search.ray_backend.latency_meter`)."""
         settings = self.config.settings
         return latency_meter(self.study, self.task, self.config.latency_target, settings.latency_runs,
-                             settings.latency_threads)
+                             settings.latency_threads, runtime=settings.runtime)
 
     def close(self) -> None:
         if self._ray_started:
@@ -239,6 +240,7 @@ class Driver:
                         "seed": settings.seed + trial.number,
                         "lock_dir": settings.lock_dir,
                         "meter": meter,
+                        "runtime": settings.runtime,
                     }
                     ref = remote.remote(task_ref, cand.to_dict(), budget, ctx, logits_ref, rungs,
                                         trial.number)
@@ -310,6 +312,8 @@ class Driver:
             frozen = self.study.tell(trial, values)
         if state is not State.COMPLETE or violations:
             (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)
+            for name in ("model.onnx", "model.xml", "model.bin"):  # another runtime's artifact
+                (self.out / "trials" / f"{trial.number:04d}" / name).unlink(missing_ok=True)
         write_text_atomic(self.out / "trials" / f"{trial.number:04d}" / "candidate.json", cand.to_json())
         # a second record of the trial, and of the study, that `autoshrink recover` rebuilds study.db from
         write_trial_record(self.out, frozen, m)
