@@ -33,7 +33,7 @@ from autoshrink.record import (
 )
 from autoshrink.recover import write_study_record, write_trial_record
 from autoshrink.search import accounting
-from autoshrink.search.config import DriverConfig
+from autoshrink.search.config import DriverConfig, SearchError
 from autoshrink.search.ray_backend import latency_meter, ray_reason, ship_user_code_by_value, start_ray
 from autoshrink.space import SearchSpace
 from autoshrink.task import Task
@@ -97,6 +97,12 @@ class Driver:
 
         s = self.study
         attrs = s.user_attrs
+        runtime = self.config.settings.runtime
+        if attrs.get(StudyAttr.RUNTIME, runtime) != runtime:  # its latencies were timed elsewhere
+            raise SearchError(
+                f"the study in {self.out} was timed in {attrs[StudyAttr.RUNTIME]}, not {runtime}: resume it "
+                f"with runtime={attrs[StudyAttr.RUNTIME]!r} (--runtime {attrs[StudyAttr.RUNTIME]}), or start a new run"
+            )
         if self.space is not None:
             s.set_user_attr(StudyAttr.SPACE_FINGERPRINT, self.space.fingerprint())
             s.set_user_attr(StudyAttr.SPACE_SOURCE, self.space.source)
@@ -110,7 +116,7 @@ class Driver:
             settings = self.config.settings
             s.set_user_attr(StudyAttr.TEACHER, measure_teacher(self.task, settings.latency_threads,
                                                                 settings.latency_runs, runtime=settings.runtime))
-        s.set_user_attr(StudyAttr.RUNTIME, self.config.settings.runtime)
+        s.set_user_attr(StudyAttr.RUNTIME, runtime)
 
     def fail_interrupted(self) -> list[tuple[int, dict]]:
         """Trials a stopped driver left unfinished, to re-run: those a killed driver left RUNNING
