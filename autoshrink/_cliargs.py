@@ -3,9 +3,12 @@ paths (a file's folder is there; ``-o`` names a folder, not a model file). Each 
 
 from __future__ import annotations
 
+import signal
+
 from autoshrink.errors import AutoshrinkError
 
-__all__ = ["MODEL_SUFFIXES", "FlagError", "check_device_args", "check_task_flags", "out_file", "out_folder"]
+__all__ = ["MODEL_SUFFIXES", "FlagError", "catch_sigterm", "check_device_args", "check_task_flags", "out_file",
+           "out_folder"]
 
 
 class FlagError(AutoshrinkError, ValueError):
@@ -73,3 +76,18 @@ def check_device_args(args) -> None:
         from autoshrink.device import resolve_device
 
         resolve_device(args.device)
+
+
+def catch_sigterm(terminated: list[int]):
+    """SIGTERM stops a command as Ctrl-C does (what is done is recorded; a search's driver chains
+    to this handler), noting it in ``terminated``. Returns the previous handler (None: not set,
+    outside the main thread)."""
+
+    def on_term(signum, _frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        return None

@@ -55,7 +55,9 @@ def run_trial(
         eval_every=context.get("eval_every", 0),
         artifact_dir=context.get("artifact_dir"),
         seed=context.get("seed", 0),
-        measure=_remote_measure(context["meter"]) if context.get("meter") is not None else None,
+        measure=(_remote_measure(context["meter"], context.get("runtime", "inductor"))
+                 if context.get("meter") is not None else None),
+        runtime=context.get("runtime", "inductor"),
     )
     try:
         # "auto" here, in the worker: it sees the GPUs Ray gave this trial, not the driver's
@@ -63,7 +65,7 @@ def run_trial(
         cand = Candidate.from_dict(candidate)
         result = evaluate(task, cand, Budget(**budget), ctx, on_latency=latency_box.update)
     except Exception as exc:  # a trial's failure is data, not a crash of the search
-        result = TrialResult(state=State.FAIL, error=_reason(exc))
+        result = TrialResult(state=State.FAIL, error=_reason(exc), runtime=ctx.runtime)
     out = result.metrics()
     for key, value in list(out.items()):
         if isinstance(value, float) and not math.isfinite(value):
@@ -71,9 +73,9 @@ def run_trial(
     return out
 
 
-def _remote_measure(meter: Any):
+def _remote_measure(meter: Any, runtime: str = "inductor"):
     """``TrialContext.measure`` that ships the lowered model to a ``LatencyMeter`` actor (on the
-    cluster's latency-target node) and waits for its timing."""
+    cluster's latency-target node) and waits for its timing in ``runtime``."""
 
     def measure(lowered, example_input, runs: int, threads: int):
         import ray
@@ -82,7 +84,8 @@ def _remote_measure(meter: Any):
         from autoshrink.measure.latency import program_bytes
 
         x = first(example_input, 1)
-        return ray.get(meter.measure.remote(program_bytes(lowered, x), x, runs, threads))
+        program = program_bytes(lowered, x, dynamic_batch=runtime != "inductor")
+        return ray.get(meter.measure.remote(program, x, runs, threads, runtime))
 
     return measure
 

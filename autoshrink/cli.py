@@ -8,7 +8,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from autoshrink._cliargs import check_device_args, check_task_flags, out_file, out_folder
+from autoshrink._cliargs import catch_sigterm, check_device_args, check_task_flags, out_file, out_folder
+from autoshrink.errors import AutoshrinkError
 from autoshrink.record import OBJECTIVES, State, StudyAttr
 
 __all__ = ["main"]
@@ -83,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "grid"],
                    help="tpe (default), nsga2, random, or grid (spaces without continuous ranges)")
     s.add_argument("--latency-threads", type=_positive(int), default=1)
+    s.add_argument("--runtime", default="inductor", choices=["inductor", "onnxruntime", "openvino"],
+                   help="deployment runtime to time, evaluate and export in (default inductor; "
+                        "onnxruntime and openvino are extras: pip install \"autoshrink[onnxruntime]\")")
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     _device_arg(s)
@@ -131,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
             q.add_argument("--budget-mb", type=_positive(float), help="size budget (MB)")
             q.add_argument("--budget-mmacs", type=_positive(float), help="compute budget (million MACs)")
             q.add_argument("--no-latency", action="store_true", help="do not compile and time the cheapest candidate")
+            q.add_argument("--runtime", default="inductor", choices=["inductor", "onnxruntime", "openvino"],
+                           help="deployment runtime to time the cheapest candidate in (default inductor)")
         else:
             q.add_argument("-o", "--output", default=None, help="YAML file to write (default: print it)")
         _task_args(q)
@@ -194,6 +200,9 @@ def _cmd_search(args) -> int:
 
         check_ray_address(args.ray_address)
     check_device_args(args)
+    from autoshrink.runtimes import get as get_runtime
+
+    get_runtime(args.runtime)  # its extra missing: one line, before a teacher trains
     # The space is checked against the model's architecture before the task is built: a built-in
     # teacher may train for minutes first, and a space error must show in seconds.
     from autoshrink.plan import check_space
@@ -215,7 +224,7 @@ def _cmd_search(args) -> int:
         study_name=args.study_name, ray_address=args.ray_address, latency_target=args.latency_target,
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
-        minutes=args.minutes if args.minutes and args.minutes > 0 else None,
+        minutes=args.minutes if args.minutes and args.minutes > 0 else None, runtime=args.runtime,
         device=args.device, gpus_per_trial=args.gpus_per_trial,
     )
     _print_summary(result, front_table, plan_table)
@@ -400,7 +409,8 @@ def _cmd_plan(args) -> int:
     budget = ash.Budget(latency_ms=args.budget_ms, size_mb=args.budget_mb, mmacs=args.budget_mmacs)
     check_device_args(args)
     subject, x = _plan_subject(args)
-    print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency)), end="")
+    print(render(plan(subject, args.space, budget, example_input=x, measure=not args.no_latency,
+                      runtime=args.runtime)), end="")
     return 0
 
 
@@ -448,10 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoshrink.space import SpaceError
     from autoshrink.task import TaskError
 
-    expected = (CliError, SpaceError, TaskError, SearchError, ValueError, OSError, KeyError,
-                TypeError)
+    # AutoshrinkError: ours, e.g. --runtime without its extra (the pip command, one line)
+    expected = (AutoshrinkError, CliError, SpaceError, TaskError, SearchError, ValueError, OSError,
+                KeyError, TypeError)
     terminated: list[int] = []
-    previous = _catch_sigterm(terminated)
+    previous = catch_sigterm(terminated)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
@@ -471,21 +482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _catch_sigterm(terminated: list[int]):
-    """SIGTERM stops a command as Ctrl-C does (what is done is recorded; a search's driver chains
-    to this handler), noting it in ``terminated``. Returns the previous handler (None: not set,
-    outside the main thread)."""
-
-    def on_term(signum, _frame):
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

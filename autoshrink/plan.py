@@ -216,6 +216,7 @@ def plan(
     measure: bool = True,
     latency_runs: int = PLAN_LATENCY_RUNS,
     calibration: Iterable[Any] | None = None,
+    runtime: str = "inductor",
 ) -> Plan:
     """What a search of ``space`` would do on the model, without training.
 
@@ -229,6 +230,8 @@ def plan(
         latency_runs: timed calls for the cheapest candidate's latency (few: this is a preview).
         calibration: batches for the quantization observers (default: the task's training
             inputs, or the example input).
+        runtime: the deployment runtime the cheapest candidate is timed in; a layer it runs with
+            a float kernel although quantized is listed among the fp32 layers, with why.
 
     Returns:
         A frozen :class:`Plan`.
@@ -250,6 +253,10 @@ def plan(
     from autoshrink.measure.flops import model_cost
 
     started = time.perf_counter()
+    if measure:
+        from autoshrink.runtimes import get as get_runtime
+
+        get_runtime(runtime)  # an unknown or missing runtime: one line, before any work
     budget = budget or Budget()
     if isinstance(task_or_model, Task):
         task: Task | None = task_or_model
@@ -308,8 +315,8 @@ def plan(
         for n, why in comp.fp32_layers.items():
             fp32.setdefault(n, why)
         if measure:
-            cost["latency_ms"] = _time_cheapest(comp, x, task, calibration, latency_runs)
-            for n, why in comp.fp32_layers.items():
+            cost["latency_ms"], in_runtime = _time_cheapest(comp, x, task, calibration, latency_runs, runtime)
+            for n, why in {**comp.fp32_layers, **in_runtime}.items():
                 fp32.setdefault(n, why)
     except Exception as exc:  # the trials would meet the same failure: show it, don't stop the plan
         first = next((line for line in str(exc).splitlines() if line.strip()), "")
@@ -327,17 +334,24 @@ def plan(
     )
 
 
-def _time_cheapest(comp, x: Any, task: Task | None, calibration, runs: int) -> float:
+def _time_cheapest(comp, x: Any, task: Task | None, calibration, runs: int,
+                   runtime: str = "inductor") -> tuple[float, dict[str, str]]:
+    """The cheapest candidate's latency in ``runtime``, and the layers that runtime runs in float."""
     from autoshrink.compress.quantize import compile_cpu, lower, prepare_ptq
     from autoshrink.measure.latency import measure_latency
+    from autoshrink.runtimes import fp32_in_runtime, time_runtime
+    from autoshrink.runtimes import get as get_runtime
 
     if calibration is None:
         calibration = list(task.calibration_batches(n=2)) if task is not None else [x]
     ptq = prepare_ptq(comp.pruned, Candidate(bits=comp.bits, default_bits=32), x, list(calibration))
     comp.verify(ptq)
     lowered = lower(ptq)
+    if runtime != "inductor":
+        dep = get_runtime(runtime).build(lowered, x, threads=1)
+        return time_runtime(dep, x, runs=runs, warmup=2).median_ms, fp32_in_runtime(dep, comp.bits)
     lat = measure_latency(compile_cpu(lowered), x, runs=runs, warmup=2, threads=1)
-    return lat.median_ms
+    return lat.median_ms, {}
 
 
 # -- rendering --------------------------------------------------------------------------------------

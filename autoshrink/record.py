@@ -137,10 +137,11 @@ class StudyAttr:
     LATENCY_MEASURED_ON = "latency_measured_on"  # the Ray node that timed latency, if not each worker
     DEVICE = "device"  # where trials fine-tune, as asked (cpu / cuda / auto); each trial's finetune_device says where
     GPUS_PER_TRIAL = "gpus_per_trial"  # Ray's num_gpus per trial
+    RUNTIME = "runtime"  # the deployment runtime every latency and accuracy was taken in
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
            SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
-           GPUS_PER_TRIAL)
+           GPUS_PER_TRIAL, RUNTIME)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -180,11 +181,16 @@ class TrialAttr:
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
     FINETUNE_DEVICE = "finetune_device"  # where the fine-tune ran: "cpu", "cuda:0 (NVIDIA H200)"
+    # the runtime that timed the trial (metrics, trials.csv columns) and its float layers (a record)
+    RUNTIME = "runtime"
+    RUNTIME_VERSION = "runtime_version"
+    LATENCY_THREADS = "latency_threads"
+    RUNTIME_FP32_LAYERS = "runtime_fp32_layers"  # layer -> why that runtime runs it with a float kernel
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
            SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
-           FINETUNE_DEVICE)
+           FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -192,10 +198,10 @@ METRIC_ATTRS = (
     TrialAttr.ACCURACY, TrialAttr.ACCURACY_SE, TrialAttr.LATENCY_MS, TrialAttr.LATENCY_IQR_MS,
     TrialAttr.SIZE_MB, TrialAttr.MMACS, TrialAttr.BOPS, TrialAttr.PARAMS, TrialAttr.MEETS_BUDGET,
     TrialAttr.FINETUNE_S, TrialAttr.COMPRESS_S, TrialAttr.MEASURE_S, TrialAttr.EVALUATE_S,
-    TrialAttr.ERROR, TrialAttr.FINETUNE_DEVICE,
+    TrialAttr.ERROR, TrialAttr.FINETUNE_DEVICE, TrialAttr.RUNTIME, TrialAttr.RUNTIME_VERSION, TrialAttr.LATENCY_THREADS,
 )
 #: the per-trial records stored beside the metrics, when not empty
-RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS)
+RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.RUNTIME_FP32_LAYERS)
 #: Optuna's system attribute holding an enqueued trial's given params
 FIXED_PARAMS = "fixed_params"
 

@@ -29,13 +29,17 @@ COLUMNS = [
 EXTRA = ["latency_iqr_ms", "compress_s", "measure_s", "evaluate_s"]
 #: text columns beyond those (never read as numbers)
 TEXT_EXTRA = [TrialAttr.FINETUNE_DEVICE]
+#: which runtime timed each trial (text, text, integer), after the other columns
+RUNTIME_COLUMNS = [TrialAttr.RUNTIME, TrialAttr.RUNTIME_VERSION, TrialAttr.LATENCY_THREADS]
+#: a trial's artifact files in a runtime other than Inductor (model.pt2 is always there)
+RUNTIME_ARTIFACTS = ("model.onnx", "model.xml", "model.bin")
 
 
-def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60) -> dict:
+def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60, *, runtime: str = "inductor") -> dict:
     """The teacher's figures: see :func:`autoshrink.measure.teacher.measure_teacher` (measuring lives there)."""
     from autoshrink.measure.teacher import measure_teacher as measure
 
-    return measure(task, latency_threads, latency_runs)
+    return measure(task, latency_threads, latency_runs, runtime=runtime)
 
 
 def trials_frame(study) -> pd.DataFrame:
@@ -44,7 +48,7 @@ def trials_frame(study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         row: dict[str, Any] = {"number": t.number, "state": State.of(t).value}
-        for key in COLUMNS[2:] + EXTRA + TEXT_EXTRA:
+        for key in COLUMNS[2:] + EXTRA + TEXT_EXTRA + RUNTIME_COLUMNS:
             row[key] = a.get(key)
         if row["state"] == State.FAIL and not row["error"]:
             row["error"] = Reason.NO_REASON
@@ -63,7 +67,11 @@ def trials_frame(study) -> pd.DataFrame:
     num = [c for c in COLUMNS + EXTRA if c not in ("state", "error", "meets_budget", "number")]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
     df["error"] = df["error"].fillna("").astype(str)
-    ordered = COLUMNS + EXTRA + TEXT_EXTRA + sorted(c for c in df.columns if c.startswith("param_"))
+    for col in RUNTIME_COLUMNS:
+        if col not in df:
+            df[col] = None
+    ordered = (COLUMNS + EXTRA + TEXT_EXTRA + RUNTIME_COLUMNS
+               + sorted(c for c in df.columns if c.startswith("param_")))
     ordered += [TrialAttr.CANDIDATE_INDEX] if TrialAttr.CANDIDATE_INDEX in df.columns else []
     return df[ordered].sort_values("number").reset_index(drop=True)
 
@@ -186,7 +194,9 @@ class SearchResult:
         Writes ``model.pt2`` (the lowered int8 program; load it with
         :func:`autoshrink.export.load_deployable`), ``candidate.json``, ``metrics.json``,
         ``README.md`` (how to load it with torch alone), and with ``onnx=True`` ``model.onnx``
-        (QDQ, :func:`autoshrink.export.to_onnx`).
+        (QDQ, :func:`autoshrink.export.to_onnx`). A trial timed in ONNX Runtime or OpenVINO also
+        ships that runtime's artifact (``model.onnx``, ``model.xml``/``model.bin``), and the README
+        shows how to run it with that runtime alone, as it was timed.
 
         Raises:
             ValueError: no trial given and none meets the budget, or the trial has no saved model.
@@ -212,6 +222,10 @@ class SearchResult:
         dest = Path(path)
         with atomic_path(dest / "model.pt2") as tmp:
             shutil.copyfile(src, tmp)
+        for name in RUNTIME_ARTIFACTS:  # the runtime's own artifact, as timed and evaluated
+            if (src.parent / name).is_file():
+                with atomic_path(dest / name) as tmp:
+                    shutil.copyfile(src.parent / name, tmp)
         write_text_atomic(dest / "candidate.json", self.candidate(number).to_json())
         metrics = {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
         write_text_atomic(dest / "metrics.json", json.dumps(
@@ -221,7 +235,8 @@ class SearchResult:
             from autoshrink.export import to_onnx
 
             to_onnx(dest / "model.pt2", dest / "model.onnx")
-        write_text_atomic(dest / "README.md", _export_readme(number, metrics, self.teacher, onnx=onnx))
+        readme = _export_readme(number, metrics, self.teacher, onnx=onnx)
+        write_text_atomic(dest / "README.md", readme + _runtime_readme(metrics, dest))
         return dest
 
     def write(self) -> dict[str, Path]:
@@ -255,6 +270,24 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _runtime_readme(m: dict, dest: Path) -> str:
+    """The README section for a trial timed in ONNX Runtime or OpenVINO: how to run its artifact
+    with that runtime alone, set up as it was timed (empty for Inductor: the section above)."""
+    from autoshrink.runtimes import MissingRuntimeError, usage_snippet
+
+    runtime = m.get(TrialAttr.RUNTIME)
+    if not runtime or runtime == "inductor" or not any((dest / n).is_file() for n in RUNTIME_ARTIFACTS):
+        return ""
+    threads = int(m.get(TrialAttr.LATENCY_THREADS) or 1)
+    head = (f"\n## In {runtime}\n\nThe search timed and evaluated this model in {runtime} "
+            f"{m.get(TrialAttr.RUNTIME_VERSION) or ''} ({threads} thread(s), batch 1); run it with {runtime} alone:\n")
+    try:
+        code = usage_snippet(runtime, ".", threads)
+    except (MissingRuntimeError, ValueError) as exc:
+        return head + f"\n({exc})\n"
+    return head + f"\n```python\n{code}```\n"
 
 
 def _export_readme(number: int, m: dict, teacher: dict, onnx: bool = False) -> str:

@@ -76,6 +76,7 @@ def sweep(
     progress: bool = True,
     device: str = "cpu",
     gpus_per_trial: float | None = None,
+    runtime: str = "inductor",
 ) -> pd.DataFrame:
     """Evaluate each candidate exactly as a search trial would, and return the trials table.
 
@@ -86,6 +87,8 @@ def sweep(
         workers, seed, ray_address, threads_per_worker, latency_runs, progress, device,
             gpus_per_trial: as in :func:`autoshrink.search`.
         out: run folder (default ``runs/sweep-<timestamp>``); reopen with ``autoshrink.load``.
+        runtime: the deployment runtime each candidate is timed and evaluated in (as in
+            :func:`autoshrink.search`).
 
     Returns:
         The trials DataFrame (same columns as a search; ``param_*`` describe each candidate), one
@@ -122,6 +125,9 @@ def sweep(
             raise TypeError(f"candidates[{i}] is a {type(c).__name__}, not an autoshrink.Candidate")
     if not cands:
         raise ValueError("no candidates to evaluate")
+    from autoshrink.runtimes import get as get_runtime
+
+    get_runtime(runtime)  # unknown, or its extra missing: one line, before any work
     budget = budget or Budget()
     devices = plan_devices(device, gpus_per_trial, workers, ray_address)  # before any file or model
     out_dir = prepare_out(out if out is not None else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
@@ -132,7 +138,7 @@ def sweep(
     workers = devices.workers
     settings = TrialSettings(threads=threads_per_worker or default_threads(workers), latency_threads=1,
                              latency_runs=latency_runs, seed=seed, device=devices.device,
-                             gpus_per_trial=devices.gpus_per_trial)
+                             gpus_per_trial=devices.gpus_per_trial, runtime=runtime)
     config = DriverConfig(budget=budget, out=out_dir, workers=workers, settings=settings,
                           ray_address=ray_address, early_stopping=False, progress=progress)
     queue = iter(start_order(task, cands, workers))

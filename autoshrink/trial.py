@@ -6,6 +6,10 @@
 3. budget gate: a candidate that misses the budget is recorded with its metrics, never fine-tuned;
 4. KD fine-tune with fake-quant at each layer's bits, reporting intermediate accuracy;
 5. accuracy on the validation data of the lowered int8 model (what would be deployed).
+
+Latency (step 2) and accuracy (step 5) are taken in the runtime the search deploys with
+(``TrialContext.runtime``: Inductor by default, or ONNX Runtime / OpenVINO, see
+:mod:`autoshrink.runtimes`); the trial's artifact is that runtime's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from autoshrink.compress.quantize import Int8CompileError, compile_checked, comp
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
 from autoshrink.record import State  # re-exported: how a trial ended
+from autoshrink.runtimes import DEFAULT as DEFAULT_RUNTIME
+from autoshrink.runtimes import RuntimeLatency, fp32_in_runtime, time_runtime
+from autoshrink.runtimes import get as get_runtime
 from autoshrink.task import Task
 
 __all__ = ["State", "TrialContext", "TrialResult", "evaluate", "save_deployable"]
@@ -52,6 +59,8 @@ class TrialContext:
             cluster; None: compile and time it here, inside ``lock``.
         device: where the KD fine-tune runs (``"cpu"``, ``"cuda"``, ``"auto"``; see
             :func:`autoshrink.device.resolve_device`); lowering and timing stay on the CPU.
+        runtime: the deployment runtime that times the gate, evaluates the fine-tuned model and
+            ships its artifact (``"inductor"``, ``"onnxruntime"``, ``"openvino"``).
     """
 
     threads: int = 1
@@ -65,6 +74,7 @@ class TrialContext:
     seed: int = 0
     measure: Callable[[torch.nn.Module, torch.Tensor, int, int], Latency] | None = None
     device: str = "cpu"
+    runtime: str = DEFAULT_RUNTIME
 
 
 @dataclass
@@ -92,6 +102,11 @@ class TrialResult:
     fp32_layers: dict[str, str] = field(default_factory=dict)  # asked to quantize, left fp32: why
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # fvcore could not count: mmacs is "at least"
     finetune_device: str | None = None  # where the fine-tune ran: "cpu", "cuda:0 (NVIDIA H200)"
+    runtime: str = ""  # the runtime that timed the gate (and evaluated the fine-tuned model)
+    runtime_version: str = ""
+    latency_threads: int | None = None
+    # asked to quantize, and quantized, but run with a float kernel by that runtime: why
+    runtime_fp32_layers: dict[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict:
         d = asdict(self)
@@ -125,7 +140,9 @@ def evaluate(
     """
     ctx = context or TrialContext()
     torch.set_num_threads(ctx.threads)
-    result = TrialResult()
+    result = TrialResult(runtime=ctx.runtime)
+    rt = get_runtime(ctx.runtime)  # a missing extra fails here, before any work
+    deployable = None  # the gate's model in a runtime other than Inductor
     x = task.example_input
 
     # Heavy work holds the machine lock's shared side, one piece at a time, so that no trial's
@@ -156,6 +173,9 @@ def evaluate(
                     cost = _record_cost(result, comp, x)
                 if ctx.measure is not None:
                     break
+                if ctx.runtime != DEFAULT_RUNTIME:  # built (exported, converted) in that runtime
+                    deployable = rt.build(lower(ptq), x, threads=ctx.latency_threads)
+                    break
                 try:
                     compiled = compile_checked(lower(ptq), x)
                     break
@@ -167,11 +187,19 @@ def evaluate(
                     cost = _record_cost(result, comp, x)
         if ctx.measure is not None:
             lat = ctx.measure(lower(ptq), x, ctx.latency_runs, ctx.latency_threads)
+        elif deployable is not None:
+            lat = time_runtime(deployable, x, runs=ctx.latency_runs, threads=ctx.latency_threads, lock=ctx.lock)
+            with hold():
+                result.runtime_fp32_layers = fp32_in_runtime(deployable, comp.bits)
+            del deployable
         else:
             lat = measure_latency(
                 compiled, x, runs=ctx.latency_runs, threads=ctx.latency_threads, lock=ctx.lock,
             )
         result.latency_ms, result.latency_iqr_ms = lat.median_ms, lat.p75_ms - lat.p25_ms
+        # who timed it: the meter's own runtime on a latency target, else this process's
+        info = lat.info if isinstance(lat, RuntimeLatency) and lat.info is not None else rt.info(lat.threads)
+        result.runtime, result.runtime_version, result.latency_threads = info.runtime, info.version, info.threads
         if on_latency is not None:
             on_latency({"latency_ms": lat.median_ms})
         del ptq
@@ -222,9 +250,16 @@ def evaluate(
     with hold():
         lowered = lower(student)
         if ctx.artifact_dir:  # before compiling: Inductor's freezing rewrites the module's constants
+            # (kept in every runtime: the runtime-neutral program `export`, other runtimes start from)
             save_deployable(lowered, x, Path(ctx.artifact_dir) / "model.pt2")
-    # compiled, so that the int8 kernels run (uncompiled PT2E runs slow reference kernels)
-    result.accuracy, result.accuracy_se = task.evaluate(compile_cpu(lowered), fixed_batch=True, guard=guard)
+        if ctx.runtime != DEFAULT_RUNTIME:  # the runtime's own artifact, evaluated as shipped
+            model = rt.build(lowered, x, threads=ctx.latency_threads)
+            if ctx.artifact_dir:
+                rt.save(model, ctx.artifact_dir)
+    if ctx.runtime == DEFAULT_RUNTIME:
+        # compiled, so that the int8 kernels run (uncompiled PT2E runs slow reference kernels)
+        model = compile_cpu(lowered)
+    result.accuracy, result.accuracy_se = task.evaluate(model, fixed_batch=True, guard=guard)
     result.evaluate_s = time.perf_counter() - t0
     return result
 

@@ -2,8 +2,9 @@
 
 For the built-in task (digits: its teacher is trained on first use, then cached) this builds
 the fp32 teacher, the teacher at uniform int8 (PTQ: the search's own compress -> prepare_ptq ->
-lower path, calibrated on a few training batches) and, with ``--run DIR``, the best trial of a
-finished search, in Inductor, ONNX Runtime and OpenVINO; then times every deployable in one run
+lower path, calibrated on a few training batches) and, with ``--run DIR``, the chosen model of a
+finished search at its budget (its best trial; the run may have searched in any runtime), in
+Inductor, ONNX Runtime and OpenVINO; then times every deployable in one run
 (the search's rules: batch 1, fixed threads, warm-up, median of ``--runs`` calls, inter-quartile
 range, inside the machine lock), and scores each on the validation split in its runtime. The
 ``int8 layers`` column is what each runtime's compiled graph really runs in int8.
@@ -37,6 +38,7 @@ def lowered_models(task, run: str | None) -> dict[str, object]:
     if run:
         import autoshrink as ash
         from autoshrink.export import load_program
+        from autoshrink.record import StudyAttr
 
         result = ash.load(run)
         best = result.best
@@ -48,7 +50,11 @@ def lowered_models(task, run: str | None) -> dict[str, object]:
             if not path.is_file():
                 print(f"{path}: the best trial saved no model; the chosen model is left out")
             else:
-                out[f"chosen (trial {number})"] = load_program(path).module()
+                # the search's own choice at its budget, chosen in the runtime it ran in; model.pt2
+                # (kept in every runtime) is the program each runtime here builds from
+                searched_in = result.meta.get(StudyAttr.RUNTIME) or "inductor"
+                label = f"chosen (trial {number}, {result.budget.describe()} in {searched_in})"
+                out[label] = load_program(path).module()
     return out
 
 

@@ -42,6 +42,8 @@ COLUMN_LIKE = {
     TrialAttr.ACCURACY_SE, TrialAttr.LATENCY_MS, TrialAttr.LATENCY_IQR_MS, TrialAttr.SIZE_MB,
     TrialAttr.MEETS_BUDGET, TrialAttr.FINETUNE_S, TrialAttr.COMPRESS_S, TrialAttr.MEASURE_S,
     TrialAttr.EVALUATE_S,
+    # the runtime columns are RuntimeInfo.columns() and TrialSettings/TrialContext fields too
+    TrialAttr.RUNTIME_VERSION, TrialAttr.LATENCY_THREADS,
 }
 DISTINCTIVE_KEYS = {k for k in KEYS if "_" in k} - COLUMN_LIKE
 

@@ -161,8 +161,11 @@ def measure_latency(
     return Latency(statistics.median(times), q[0], q[2], runs, threads, p90)
 
 
-def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor) -> bytes:
+def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False) -> bytes:
     """The lowered model as ``torch.export`` program bytes at batch 1, to time it elsewhere.
+
+    ``dynamic_batch=True`` keeps the batch dimension dynamic (the ONNX Runtime and OpenVINO
+    builds re-export the program with a dynamic batch, which a batch-1 program refuses).
 
     Example:
         >>> data = program_bytes(torch.nn.Linear(8, 8).eval(), torch.randn(1, 8))
@@ -170,8 +173,13 @@ def program_bytes(lowered: torch.nn.Module, example_input: torch.Tensor) -> byte
         True
     """
     buf = io.BytesIO()
-    args, kwargs, _ = _batches.export_args(_batches.first(example_input, 1), None)
-    ep = torch.export.export(lowered, args, kwargs, strict=False)
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        args, kwargs, dynamic = _batches.export_args(_batches.batch_of_two(example_input), batch)
+        ep = torch.export.export(lowered, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    else:
+        args, kwargs, _ = _batches.export_args(_batches.first(example_input, 1), None)
+        ep = torch.export.export(lowered, args, kwargs, strict=False)
     torch.export.save(ep, buf)
     return buf.getvalue()
 
@@ -208,12 +216,22 @@ class LatencyMeter:
         return out
 
     def measure(self, program: bytes, example_input: torch.Tensor, runs: int = 60,
-                threads: int = 1) -> Latency:
-        """Median batch-1 latency of the program in ``program`` (see :func:`program_bytes`)."""
+                threads: int = 1, runtime: str = "inductor") -> Latency:
+        """Median batch-1 latency of the program in ``program`` (see :func:`program_bytes`), in
+        ``runtime`` (Inductor: compiled as a local trial would; another runtime: built in it, and
+        the result is an :class:`autoshrink.runtimes.RuntimeLatency` naming its version)."""
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the int8 ops to load)
 
         from autoshrink.compress.quantize import compile_cpu
 
+        if runtime != "inductor":
+            from autoshrink.runtimes import time_lowered  # lazy: the runtimes time with this module
+
+            try:
+                return time_lowered(runtime, torch.export.load(io.BytesIO(program)).module(), example_input,
+                                    runs=runs, threads=threads, lock=self._lock)
+            finally:
+                self.measured += 1
         model = compile_cpu(torch.export.load(io.BytesIO(program)).module())
         try:
             return measure_latency(model, example_input, runs=runs, threads=threads, lock=self._lock)

@@ -10,9 +10,11 @@ A candidate's prediction is that call cost once plus its layers' entries; what t
 not see (activations, residual adds, pooling, the fusions between layers) is the error left.
 
 Entries are keyed by (kind, in/out channels, kernel, stride, padding, groups, input size, int8)
-and measured once per machine: the table is a JSON file under ``AUTOSHRINK_CACHE/latency_tables``
-named after the host, CPU model, thread count and torch version; entries missing from it are
-measured on first use (a few seconds each) and saved.
+and measured once per machine and runtime: the table is a JSON file under
+``AUTOSHRINK_CACHE/latency_tables`` named after the host, CPU model, thread count, torch version
+and the deployment runtime with its version (Inductor by default; ONNX Runtime and OpenVINO time
+each layer in themselves); entries missing from it are measured on first use (a few seconds
+each) and saved.
 
 Example:
     >>> pred = LatencyPredictor.for_machine()                                    # doctest: +SKIP
@@ -39,7 +41,7 @@ __all__ = ["LatencyPredictor", "layer_inputs"]
 _EMPTY = "call"  # the table's entry for calling an empty compiled model
 
 
-def _machine_key(threads: int) -> str:
+def _machine_key(threads: int, runtime: str = "inductor") -> str:
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,8 +50,11 @@ def _machine_key(threads: int) -> str:
                 break
     except OSError:
         pass
-    text = f"{platform.node()}|{cpu}|{os.cpu_count()}|{threads}|{torch.__version__}"
-    return f"{platform.node()}-{threads}t-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    from autoshrink.runtimes import get as get_runtime
+
+    version = get_runtime(runtime).version()
+    text = f"{platform.node()}|{cpu}|{os.cpu_count()}|{threads}|{torch.__version__}|{runtime}|{version}"
+    return f"{platform.node()}-{runtime}-{threads}t-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
 def layer_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
@@ -80,21 +85,22 @@ class LatencyPredictor:
         path: the table's JSON file (created if missing).
         threads: torch threads while timing (as the search's ``latency_threads``).
         runs: timed calls per entry.
+        runtime: the deployment runtime each entry is timed in (as the search's ``runtime``).
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1, runs: int = 30) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int = 1, runs: int = 30, runtime: str = "inductor") -> None:
         self.path = Path(path)
-        self.threads, self.runs = threads, runs
+        self.threads, self.runs, self.runtime = threads, runs, runtime
         self.table: dict[str, float] = {}
         if self.path.is_file():
             self.table = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
 
     @classmethod
-    def for_machine(cls, threads: int = 1, runs: int = 30) -> LatencyPredictor:
-        """The table of this machine, in ``AUTOSHRINK_CACHE/latency_tables``."""
+    def for_machine(cls, threads: int = 1, runs: int = 30, runtime: str = "inductor") -> LatencyPredictor:
+        """The table of this machine and runtime, in ``AUTOSHRINK_CACHE/latency_tables``."""
         from autoshrink._env import cache_dir
 
-        return cls(cache_dir() / "latency_tables" / f"{_machine_key(threads)}.json", threads, runs)
+        return cls(cache_dir() / "latency_tables" / f"{_machine_key(threads, runtime)}.json", threads, runs, runtime)
 
     # -- prediction -------------------------------------------------------------------------------
     def predict(self, model: nn.Module, candidate, example_input: torch.Tensor) -> float:
@@ -130,6 +136,11 @@ class LatencyPredictor:
         from autoshrink.compress.quantize import compile_cpu
         from autoshrink.measure.latency import MachineLock, measure_latency
 
+        if self.runtime != "inductor":
+            from autoshrink.runtimes import time_lowered
+
+            return time_lowered(self.runtime, model, x, runs=self.runs, warmup=5, threads=self.threads,
+                                lock=MachineLock()).median_ms
         try:
             lat = measure_latency(compile_cpu(model), x, runs=self.runs, warmup=5, threads=self.threads,
                                   lock=MachineLock())

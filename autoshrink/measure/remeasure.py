@@ -19,7 +19,7 @@ artifacts themselves:
   resamples whole rounds (a slow round moves all of its samples together, so resampling single
   calls would make the interval too narrow). The machine's load is sampled before timing.
 
-Long module (~500 lines): the parent side, the child process entry point and the statistics
+Long module (~560 lines): the parent side, the child process entry point and the statistics
 that both sides agree on stay in one file, so the JSON between them is defined in one place.
 
 Example:
@@ -288,6 +288,7 @@ def remeasure(
     seed: int = 0,
     timeout_s: float = 1800.0,
     loader: str = _DEFAULT_LOADER,
+    runtime: str = "inductor",
 ) -> Remeasured:
     """Re-time saved artifacts in one fresh Python process, interleaved, inside the machine lock.
 
@@ -301,6 +302,10 @@ def remeasure(
         timeout_s: the process is killed after this long.
         loader: ``"module:function"`` that turns a path into a compiled callable (the runtime's
             loader; default :func:`autoshrink.export.load_deployable`, what the search timed).
+        runtime: another deployment runtime than Inductor (``"onnxruntime"``, ``"openvino"``):
+            each path's folder holds that runtime's artifact, opened with
+            ``autoshrink.runtimes.get(runtime).load(folder, threads=threads)`` and called as
+            :func:`autoshrink.runtimes.time_runtime` calls it (``loader`` is then not used).
 
     Returns:
         A :class:`Remeasured`; an artifact that cannot be loaded is listed in ``errors``.
@@ -319,7 +324,7 @@ def remeasure(
             sys.executable, "-m", "autoshrink.measure.remeasure", "--input", str(inp), "--out", str(out),
             "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads),
             "--resamples", str(resamples), "--confidence", str(confidence), "--seed", str(seed),
-            "--loader", loader,
+            "--loader", loader, "--runtime", runtime,
         ]
         if lock_dir is not None:
             cmd += ["--lock-dir", str(lock_dir)]
@@ -365,7 +370,9 @@ def remeasure_programs(
         for i, (name, data) in enumerate(programs.items()):
             path = Path(tmp) / f"{i:04d}" / "model.pt2"
             path.parent.mkdir()
-            path.write_bytes(data)
+            # model.pt2 bytes, or {file name: bytes} of another runtime's artifact (model.xml + .bin)
+            for file, content in (data.items() if isinstance(data, Mapping) else [("model.pt2", data)]):
+                (path.parent / file).write_bytes(content)
             names[str(path)] = name
         got = remeasure(list(names), example_input, **kwargs)
     return Remeasured(
@@ -387,6 +394,8 @@ class TrialRetimer:
         artifact: trial number -> its ``model.pt2`` (e.g. ``out / "trials" / f"{n:04d}" / "model.pt2"``).
         example_input: the task's example input.
         meter: a Ray actor handle of :class:`LatencyMeter` on the latency target, or None (local).
+        runtime: the deployment runtime the trials were timed in; its artifact beside each
+            ``model.pt2`` (``model.onnx``, ``model.xml``/``.bin``) is what is re-timed.
         **kwargs: :func:`remeasure`'s options (rounds, runs, warmup, threads, lock_dir, ...).
 
     Example:
@@ -400,20 +409,27 @@ class TrialRetimer:
         example_input: torch.Tensor,
         *,
         meter=None,
+        runtime: str = "inductor",
         **kwargs,
     ) -> None:
         self.artifact = artifact
         self.example_input = example_input
         self.meter = meter
-        self.kwargs = kwargs
+        self.runtime = runtime
+        self.files = _artifact_files(runtime)
+        self.kwargs = dict(kwargs, runtime=runtime)
         self.loads: list[dict] = []
         self.warnings: list[str] = []
 
     def __call__(self, numbers: Sequence[int]) -> dict[int, dict[str, float] | str]:
         paths = {int(n): Path(self.artifact(int(n))) for n in numbers}
-        out: dict[int, dict[str, float] | str] = {
-            n: f"no artifact at {p} (not saved, or deleted)" for n, p in paths.items() if not p.is_file()
-        }
+        out: dict[int, dict[str, float] | str] = {}
+        for n, p in paths.items():
+            # Inductor's is the path itself; another runtime's files lie beside it
+            missing = [p] if self.runtime == "inductor" else [p.parent / f for f in self.files]
+            missing = [m for m in missing if not m.is_file()]
+            if missing:
+                out[n] = f"no artifact at {missing[0]} (not saved, or deleted)"
         todo = {n: p for n, p in paths.items() if n not in out}
         if not todo:
             return out
@@ -423,8 +439,9 @@ class TrialRetimer:
         else:
             import ray
 
-            got = ray.get(self.meter.remeasure.remote(
-                {str(n): p.read_bytes() for n, p in todo.items()}, self.example_input, **self.kwargs))
+            programs = {str(n): p.read_bytes() if self.runtime == "inductor"
+                        else {f: (p.parent / f).read_bytes() for f in self.files} for n, p in todo.items()}
+            got = ray.get(self.meter.remeasure.remote(programs, self.example_input, **self.kwargs))
             key = {n: str(n) for n in todo}
         self.loads.append(got.load)
         if got.warning and got.warning not in self.warnings:
@@ -440,6 +457,37 @@ class TrialRetimer:
 # --------------------------------------------------------------------------------------------
 # the fresh process: child side
 # --------------------------------------------------------------------------------------------
+
+
+def _artifact_files(runtime: str) -> tuple[str, ...]:
+    """The files a trial's artifact is made of in ``runtime`` (beside it, ``model.pt2``)."""
+    from autoshrink.runtimes import get as get_runtime
+
+    if runtime == "inductor":
+        return ("model.pt2",)
+    main = get_runtime(runtime).artifact
+    return (main, "model.bin") if main.endswith(".xml") else (main,)
+
+
+class _NumpyCall:
+    """A runtime's deployable called as :func:`autoshrink.runtimes.time_runtime` calls it: the
+    input converted to float32 numpy once per input tensor, so that only the runtime's call is timed."""
+
+    def __init__(self, deployable) -> None:
+        self.deployable = deployable
+        self._x = self._array = None
+
+    def __call__(self, x):
+        if x is not self._x:
+            self._x, self._array = x, np.ascontiguousarray(x.detach().cpu().float().numpy())
+        return self.deployable.run(self._array)
+
+
+def _runtime_loader(runtime: str, threads: int) -> Callable:
+    from autoshrink.runtimes import get as get_runtime
+
+    rt = get_runtime(runtime)
+    return lambda path: _NumpyCall(rt.load(Path(path).parent, threads=threads))
 
 
 def _load_callable(spec: str) -> Callable:
@@ -463,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lock-dir", default=None)
     p.add_argument("--loader", default=_DEFAULT_LOADER)
+    p.add_argument("--runtime", default="inductor")
     p.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
 
@@ -471,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _env.configure()
     x = torch.load(args.input, weights_only=True)
-    load = _load_callable(args.loader)
+    load = _load_callable(args.loader) if args.runtime == "inductor" else _runtime_loader(args.runtime, args.threads)
     lock = MachineLock(args.lock_dir)
     results: list[dict] = [{"path": path} for path in args.paths]
     models, timed = [], []

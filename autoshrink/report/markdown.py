@@ -85,6 +85,9 @@ def write_report_md(
     out.append("")
     if where:
         out += [where, ""]
+    if teacher.get("runtime"):  # which runtime timed every figure (the teacher's too, in fp32)
+        out += [f"Every latency was timed in {teacher['runtime']} {teacher.get('runtime_version', '')}"
+                f" at batch 1 with {teacher.get('latency_threads', '?')} thread(s); the teacher's in fp32.", ""]
 
     metrics = [c for c in ("accuracy", "latency_ms", "size_mb", "mmacs", "bops", "params")
                if c in teacher or (chosen is not None and c in chosen.index)]

@@ -118,6 +118,7 @@ def search(
     minutes: float | None = None,
     device: str = "cpu",
     gpus_per_trial: float | None = None,
+    runtime: str = "inductor",
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -161,6 +162,9 @@ def search(
             Checked before anything runs (see :func:`autoshrink.search.gpus.plan_devices`).
         gpus_per_trial: GPUs Ray gives each trial (default 1 when trials use a GPU; 0.5 packs
             two fine-tunes on one GPU). ``workers`` then defaults to ``floor(GPUs / gpus_per_trial)``.
+        runtime: the deployment runtime (``"inductor"``, ``"onnxruntime"``, ``"openvino"``): every
+            latency (gate, teacher in fp32) is timed in it, the fine-tuned model is evaluated in it,
+            and ``best/`` holds its artifact (``model.onnx``, ``model.xml``/``.bin``).
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -174,6 +178,9 @@ def search(
         KeyboardInterrupt: after Ctrl-C or SIGTERM, once the trials so far are recorded and the
             run folder's files written (``resume=True`` continues).
         SpaceError: a space that does not fit the model, or a continuous knob with ``sampler="grid"``.
+        ValueError: an unknown ``runtime``.
+        MissingRuntimeError: ``runtime``'s optional extra is not installed (one line with the
+            ``pip install`` command), before any training.
 
     Example:
         >>> import autoshrink as ash
@@ -192,6 +199,9 @@ def search(
         check_ray_address(ray_address)
     # before anything is built or timed: --device cuda without a GPU fails in seconds
     devices = plan_devices(device, gpus_per_trial, workers, ray_address)
+    from autoshrink.runtimes import get as get_runtime
+
+    get_runtime(runtime)  # unknown, or its extra missing: one line, before anything is trained
     # None: the bundled default for the model it was written for, else a space derived from the
     # model's graph; "auto"; or a YAML path. Bound and checked here, before anything is compressed.
     space = check_space(task.model, task.example_input, space)
@@ -208,7 +218,8 @@ def search(
         ray_address=ray_address,
         settings=TrialSettings(threads=threads_per_worker or default_threads(workers),
                                latency_threads=latency_threads, latency_runs=latency_runs, seed=seed,
-                               device=devices.device, gpus_per_trial=devices.gpus_per_trial),
+                               device=devices.device, gpus_per_trial=devices.gpus_per_trial,
+                               runtime=runtime),
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
     )

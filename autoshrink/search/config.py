@@ -64,6 +64,8 @@ class TrialSettings:
         device: where each trial fine-tunes (``"cpu"``, ``"cuda"``, ``"auto"``: resolved inside
             the Ray worker; see :func:`autoshrink.search.gpus.plan_devices`).
         gpus_per_trial: Ray's ``num_gpus`` for each trial (0: none; a fraction packs several).
+        runtime: the deployment runtime latency and accuracy are taken in (see
+            :mod:`autoshrink.runtimes`).
     """
 
     threads: int = 1
@@ -73,6 +75,7 @@ class TrialSettings:
     lock_dir: str | None = None
     device: str = "cpu"
     gpus_per_trial: float = 0.0
+    runtime: str = "inductor"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ class SearchConfig:
     latency_target: str | None
     screening: bool
     minutes: float | None
+
+    @property
+    def runtime(self) -> str:
+        """The deployment runtime the search times, evaluates and exports in."""
+        return self.settings.runtime
 
     @property
     def time_here(self) -> bool:

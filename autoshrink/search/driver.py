@@ -33,7 +33,7 @@ from autoshrink.record import (
 )
 from autoshrink.recover import write_study_record, write_trial_record
 from autoshrink.search import accounting
-from autoshrink.search.config import DriverConfig
+from autoshrink.search.config import DriverConfig, SearchError
 from autoshrink.search.ray_backend import latency_meter, ray_reason, ship_user_code_by_value, start_ray
 from autoshrink.space import SearchSpace
 from autoshrink.task import Task
@@ -98,6 +98,12 @@ class Driver:
 
         s = self.study
         attrs = s.user_attrs
+        runtime = self.config.settings.runtime
+        if attrs.get(StudyAttr.RUNTIME, runtime) != runtime:  # its latencies were timed elsewhere
+            raise SearchError(
+                f"the study in {self.out} was timed in {attrs[StudyAttr.RUNTIME]}, not {runtime}: resume it "
+                f"with runtime={attrs[StudyAttr.RUNTIME]!r} (--runtime {attrs[StudyAttr.RUNTIME]}), or start a new run"
+            )
         if self.space is not None:
             s.set_user_attr(StudyAttr.SPACE_FINGERPRINT, self.space.fingerprint())
             s.set_user_attr(StudyAttr.SPACE_SOURCE, self.space.source)
@@ -110,7 +116,8 @@ class Driver:
         if StudyAttr.TEACHER not in attrs:
             settings = self.config.settings
             s.set_user_attr(StudyAttr.TEACHER, measure_teacher(self.task, settings.latency_threads,
-                                                                settings.latency_runs))
+                                                                settings.latency_runs, runtime=settings.runtime))
+        s.set_user_attr(StudyAttr.RUNTIME, runtime)
 
     def fail_interrupted(self) -> list[tuple[int, dict]]:
         """Trials a stopped driver left unfinished, to re-run: those a killed driver left RUNNING
@@ -160,7 +167,7 @@ class Driver:
         :func:`autoshrink.search.ray_backend.latency_meter`)."""
         settings = self.config.settings
         return latency_meter(self.study, self.task, self.config.latency_target, settings.latency_runs,
-                             settings.latency_threads)
+                             settings.latency_threads, runtime=settings.runtime)
 
     def close(self) -> None:
         if self._ray_started:
@@ -244,6 +251,7 @@ class Driver:
                         "lock_dir": settings.lock_dir,
                         "meter": meter,
                         "device": settings.device,  # "auto" is resolved in the worker, on its GPUs
+                        "runtime": settings.runtime,
                     }
                     ref = remote.remote(task_ref, cand.to_dict(), budget, ctx, logits_ref, rungs,
                                         trial.number)
@@ -316,6 +324,8 @@ class Driver:
             frozen = self.study.tell(trial, values)
         if state is not State.COMPLETE or violations:
             (self.out / "trials" / f"{trial.number:04d}" / "model.pt2").unlink(missing_ok=True)
+            for name in ("model.onnx", "model.xml", "model.bin"):  # another runtime's artifact
+                (self.out / "trials" / f"{trial.number:04d}" / name).unlink(missing_ok=True)
         write_text_atomic(self.out / "trials" / f"{trial.number:04d}" / "candidate.json", cand.to_json())
         # a second record of the trial, and of the study, that `autoshrink recover` rebuilds study.db from
         write_trial_record(self.out, frozen, m)

@@ -97,7 +97,8 @@ def timing_context(settings: TrialSettings):
     from autoshrink.trial import TrialContext
 
     return TrialContext(threads=settings.threads, latency_threads=settings.latency_threads,
-                        latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir))
+                        latency_runs=settings.latency_runs, lock=MachineLock(settings.lock_dir),
+                        runtime=settings.runtime)
 
 
 def uniform_ratios(space: SearchSpace) -> list[float]:

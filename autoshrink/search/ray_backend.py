@@ -118,7 +118,8 @@ def loopback_only():
             os.environ[CLUSTER_MODE_VAR] = saved_env
 
 
-def latency_meter(study, task, latency_target: str | None, latency_runs: int, latency_threads: int):
+def latency_meter(study, task, latency_target: str | None, latency_runs: int, latency_threads: int,
+                  runtime: str = "inductor"):
     """A ``LatencyMeter`` actor on the node offering the latency-target resource, or None
     (each trial then times in its own process, under its machine's lock). Records where latency
     is measured in the study, and the teacher's latency timed there too.
@@ -149,8 +150,8 @@ def latency_meter(study, task, latency_target: str | None, latency_runs: int, la
         from autoshrink.measure.latency import program_bytes
 
         x = task.example_input[:1].contiguous()
-        lat = ray.get(meter.measure.remote(program_bytes(task.model.eval(), x), x,
-                                           latency_runs, latency_threads))
+        program = program_bytes(task.model.eval(), x, dynamic_batch=runtime != "inductor")
+        lat = ray.get(meter.measure.remote(program, x, latency_runs, latency_threads, runtime))
         teacher[TEACHER_LATENCY_MS_DRIVER], teacher["latency_ms"] = teacher.get("latency_ms"), lat.median_ms
         study.set_user_attr(StudyAttr.TEACHER, teacher)
     return meter

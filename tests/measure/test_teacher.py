@@ -20,7 +20,9 @@ def test_teacher_figures(tmp_path, monkeypatch):
     task = Task(model=model, train_data=data, val_data=data, example_input=data[0][0].unsqueeze(0),
                 teacher_accuracy=75.0)
     figures = measure_teacher(task, latency_runs=3)
-    assert set(figures) == {"accuracy", "accuracy_se", "latency_ms", "latency_ms_eager", "size_mb", "mmacs", "params"}
+    assert set(figures) == {"accuracy", "accuracy_se", "latency_ms", "latency_ms_eager", "size_mb", "mmacs", "params",
+                            "runtime", "runtime_version", "latency_threads"}
+    assert figures["runtime"] == "inductor" and figures["runtime_version"] == torch.__version__
     assert figures["accuracy"] == 75.0
     assert math.isclose(figures["accuracy_se"], 100 * math.sqrt(0.75 * 0.25 / 40))  # binomial, 40 samples
     assert figures["params"] == 16 * 4 + 4
