@@ -176,10 +176,14 @@ class TrialAttr:
     # sweeps: the given candidate (flat) and its position in the list given
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
+    # what compression left alone, and why
+    FP32_LAYERS = "fp32_layers"  # layer -> why it stayed fp32 though int8 was asked (its kernel did not compile)
+    UNPRUNED_GROUPS = "unpruned_groups"  # [{"layers": [...], "reason": "left unpruned: ..."}, ...]
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
-           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX)
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
+           FP32_LAYERS, UNPRUNED_GROUPS)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -190,7 +194,8 @@ METRIC_ATTRS = (
     TrialAttr.ERROR,
 )
 #: the per-trial records stored beside the metrics, when not empty
-RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS)
+RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.FP32_LAYERS,
+                TrialAttr.UNPRUNED_GROUPS)
 #: Optuna's system attribute holding an enqueued trial's given params
 FIXED_PARAMS = "fixed_params"
 

@@ -90,6 +90,7 @@ class TrialResult:
     layers: list[dict] = field(default_factory=list)
     skipped_layers: dict[str, str] = field(default_factory=dict)
     fp32_layers: dict[str, str] = field(default_factory=dict)  # asked to quantize, left fp32: why
+    unpruned_groups: list[dict] = field(default_factory=list)  # [{"layers": [...], "reason": ...}]: left whole
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # fvcore could not count: mmacs is "at least"
 
     def metrics(self) -> dict:
@@ -138,6 +139,7 @@ def evaluate(
         comp = compress(task.model, candidate, x)
     result.compress_s = time.perf_counter() - t0
     result.skipped_layers = dict(comp.prune_report.skipped)
+    result.unpruned_groups = comp.prune_report.as_dict()["unpruned_groups"]
 
     # 2. cheap metrics, then latency of the deployable model
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from autoshrink.report.formatting import (
 )
 from autoshrink.report.records import budget_limits, compare_with_teacher, front_columns, near_misses
 
-__all__ = ["baseline_text", "near_ties_text", "write_report_md"]
+__all__ = ["baseline_text", "left_alone_section", "near_ties_text", "write_report_md"]
 
 
 def write_report_md(
@@ -39,6 +39,7 @@ def write_report_md(
     nearest: pd.DataFrame | None = None,
     baseline: tuple[pd.Series, str] | None = None,
     ties: pd.DataFrame | None = None,
+    left_alone: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Markdown report: budget, teacher, chosen model and its gains, the front, the plot.
 
@@ -59,6 +60,8 @@ def write_report_md(
             :attr:`autoshrink.SearchResult.baseline`): the chosen model is compared with it.
         ties: trials as accurate as the chosen one within its standard error and cheaper to run
             (:meth:`autoshrink.SearchResult.near_ties`), pointed out below it.
+        left_alone: what the chosen trial's compression left alone and why
+            (:meth:`autoshrink.SearchResult.left_alone`): listed under it.
 
     Returns:
         The path written.
@@ -98,6 +101,7 @@ def write_report_md(
             out += [baseline_text(chosen, *baseline), ""]
         if ties is not None and len(ties):
             out += [near_ties_text(chosen, ties, run=str(Path(path).parent)), ""]
+        out += left_alone_section(left_alone)
     else:
         out += _nothing_meets_section(limits, nearest)
 
@@ -191,6 +195,33 @@ def _chosen_section(chosen: pd.Series, teacher: Mapping[str, Any], metrics: list
                              [False, True]))
         out.append("")
     return out
+
+
+def left_alone_section(left_alone: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines naming what compression skipped: each group left unpruned with its layers and
+    the reason, each layer left fp32 though int8 was asked, and why (nothing when nothing was).
+
+    Example:
+        >>> print("\\n".join(left_alone_section({"unpruned_groups": [{"layers": ["a", "b"],
+        ...     "reason": "left unpruned: the group crosses a channel shuffle"}], "fp32_layers": {}})))
+        ### Left uncompressed
+        <BLANKLINE>
+        | what | layers | why |
+        | --- | --- | --- |
+        | unpruned group | a, b | left unpruned: the group crosses a channel shuffle |
+        <BLANKLINE>
+    """
+    if not left_alone:
+        return []
+    rows = [["unpruned group", ", ".join(g.get("layers", [])), g.get("reason", "")]
+            for g in left_alone.get("unpruned_groups") or []]
+    grouped = {n for g in left_alone.get("unpruned_groups") or [] for n in g.get("layers", [])}
+    rows += [["unpruned layer", n, why] for n, why in (left_alone.get("skipped_layers") or {}).items()
+             if n not in grouped]
+    rows += [["fp32 layer", n, why] for n, why in (left_alone.get("fp32_layers") or {}).items()]
+    if not rows:
+        return []
+    return ["### Left uncompressed", "", _md_table(["what", "layers", "why"], rows, [False, False, False]), ""]
 
 
 def _nothing_meets_section(limits: Mapping[str, float], nearest: pd.DataFrame | None) -> list[str]:
