@@ -35,8 +35,8 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
