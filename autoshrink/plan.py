@@ -26,6 +26,7 @@ import torch.nn as nn
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.compress.quantize import unsupported_layers
+from autoshrink.record import TrialAttr
 from autoshrink.space import SearchSpace, SpaceError
 from autoshrink.space.auto import ModelGraph, analyze, auto_space, model_name
 from autoshrink.task import Task
@@ -121,7 +122,7 @@ class Plan:
             "meets_budget": self.meets_budget,
             "budget": self.budget.constraints(),
             "seconds": self.seconds,
-            "unpruned_groups": [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
+            TrialAttr.UNPRUNED_GROUPS: [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
         }
 
 

@@ -27,7 +27,7 @@ from autoshrink.compress.prune import PRUNABLE
 from autoshrink.compress.quantize import Int8CompileError, compile_checked, compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
-from autoshrink.record import State  # re-exported: how a trial ended
+from autoshrink.record import State, TrialAttr  # State re-exported: how a trial ended
 from autoshrink.task import Task
 
 __all__ = ["State", "TrialContext", "TrialResult", "evaluate", "save_deployable"]
@@ -139,7 +139,7 @@ def evaluate(
         comp = compress(task.model, candidate, x)
     result.compress_s = time.perf_counter() - t0
     result.skipped_layers = dict(comp.prune_report.skipped)
-    result.unpruned_groups = comp.prune_report.as_dict()["unpruned_groups"]
+    result.unpruned_groups = comp.prune_report.as_dict()[TrialAttr.UNPRUNED_GROUPS]
 
     # 2. cheap metrics, then latency of the deployable model
     t0 = time.perf_counter()

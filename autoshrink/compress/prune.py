@@ -44,6 +44,7 @@ import torch.nn as nn
 from autoshrink import _batches
 from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
+from autoshrink.record import TrialAttr
 
 __all__ = [
     "GRAPH_TIMEOUT_VAR",
@@ -109,7 +110,7 @@ class PruneReport:
                 for c in self.layers
             ],
             "skipped": dict(self.skipped),
-            "unpruned_groups": [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
+            TrialAttr.UNPRUNED_GROUPS: [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
             "notes": list(self.notes),
         }
 

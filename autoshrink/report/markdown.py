@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from autoshrink._files import write_text_atomic
+from autoshrink.record import TrialAttr
 from autoshrink.report.formatting import (
     PARAM_PREFIX,
     UNITS,
@@ -214,11 +215,11 @@ def left_alone_section(left_alone: Mapping[str, Any] | None) -> list[str]:
     if not left_alone:
         return []
     rows = [["unpruned group", ", ".join(g.get("layers", [])), g.get("reason", "")]
-            for g in left_alone.get("unpruned_groups") or []]
-    grouped = {n for g in left_alone.get("unpruned_groups") or [] for n in g.get("layers", [])}
-    rows += [["unpruned layer", n, why] for n, why in (left_alone.get("skipped_layers") or {}).items()
+            for g in left_alone.get(TrialAttr.UNPRUNED_GROUPS) or []]
+    grouped = {n for g in left_alone.get(TrialAttr.UNPRUNED_GROUPS) or [] for n in g.get("layers", [])}
+    rows += [["unpruned layer", n, why] for n, why in (left_alone.get(TrialAttr.SKIPPED_LAYERS) or {}).items()
              if n not in grouped]
-    rows += [["fp32 layer", n, why] for n, why in (left_alone.get("fp32_layers") or {}).items()]
+    rows += [["fp32 layer", n, why] for n, why in (left_alone.get(TrialAttr.FP32_LAYERS) or {}).items()]
     if not rows:
         return []
     return ["### Left uncompressed", "", _md_table(["what", "layers", "why"], rows, [False, False, False]), ""]
