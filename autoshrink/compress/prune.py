@@ -566,8 +566,9 @@ def _veto(group, reshape_safe: bool) -> str | None:
             continue
         sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", getattr(node.grad_fn, "_saved_self_sizes", None))
         if sizes is not None and len(sizes) > 4:
-            return ("left unpruned: the group crosses a channel shuffle (a view through a groups axis), "
-                    "whose channel order torch-pruning does not follow")
+            return ("left unpruned: the group crosses a view to more than four dimensions (a channel shuffle "
+                    "through a groups axis, or a window/patch partition), whose channel order torch-pruning "
+                    "does not follow")
         if reshape_safe:
             return ("left unpruned: the group crosses a reshape, and torch-pruning's reshape mapping was "
                     "switched off (graph construction failed with it)")
