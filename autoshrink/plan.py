@@ -26,6 +26,7 @@ import torch.nn as nn
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
 from autoshrink.compress.quantize import unsupported_layers
+from autoshrink.record import TrialAttr
 from autoshrink.space import SearchSpace, SpaceError
 from autoshrink.space.auto import ModelGraph, analyze, auto_space, model_name
 from autoshrink.task import Task
@@ -81,6 +82,9 @@ class Plan:
         meets_budget: whether the cheapest candidate meets ``budget`` (None: not known).
         budget: the budget the plan was made for.
         seconds: how long planning took.
+        unpruned_groups: the dependency groups pruning leaves whole, as ``(layers, reason)``:
+            what the cheapest candidate's pruning reported (as a trial's ``PruneReport`` will),
+            else what the graph analysis found.
     """
 
     model: str
@@ -98,6 +102,7 @@ class Plan:
     meets_budget: bool | None = None
     budget: Budget = field(default_factory=Budget)
     seconds: float = 0.0
+    unpruned_groups: tuple[tuple[tuple[str, ...], str], ...] = ()
 
     def as_dict(self) -> dict:
         return {
@@ -117,6 +122,7 @@ class Plan:
             "meets_budget": self.meets_budget,
             "budget": self.budget.constraints(),
             "seconds": self.seconds,
+            TrialAttr.UNPRUNED_GROUPS: [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
         }
 
 
@@ -308,8 +314,14 @@ def plan(
     teacher = {"params": teacher_cost.params, "mmacs": teacher_cost.mmacs, "size_mb": teacher_cost.size_mb}
     cost: dict[str, float | None] = {}
     error = ""
+    unpruned_groups = tuple(graph.unpruned_groups)
     try:
         comp = compress(model, cheapest, x)
+        if any(change.requested > 0 for change in comp.prune_report.layers):  # it pruned as a trial will
+            unpruned_groups = tuple(comp.prune_report.unpruned_groups)
+            for g, why in unpruned_groups:
+                for n in g:
+                    unpruned.setdefault(n, why)
         c = model_cost(comp.pruned, x, comp.bits)
         cost = {"params": c.params, "mmacs": c.mmacs, "size_mb": c.size_mb, "latency_ms": None}
         for n, why in comp.fp32_layers.items():
@@ -330,7 +342,7 @@ def plan(
         model=model_name(model), space=bound, rules=rules, defaults=defaults, groups=tuple(groups),
         unpruned=unpruned, fp32=fp32, sampled=tuple(bound.param_names()), teacher=teacher,
         cheapest=cheapest, cheapest_cost=cost, cheapest_error=error, meets_budget=met, budget=budget,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, unpruned_groups=unpruned_groups,
     )
 
 
@@ -400,6 +412,8 @@ def render(p: Plan, *, width: int = 120) -> str:
             kept = f"{g.kept_min}..{g.kept_max}" if g.kept_min != g.kept_max else str(g.kept_min)
             groups.add_row(g.root, g.rule or "(defaults)", str(g.channels), kept, _short(g.layers, 3))
         con.print(groups)
+    for g, why in p.unpruned_groups:
+        con.print(f"group {_short(g, 6)}: {why}")
     kept = Table(title="left alone, and why", title_justify="left")
     for col in ("layer", "unpruned", "fp32"):
         kept.add_column(col)

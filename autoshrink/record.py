@@ -186,11 +186,15 @@ class TrialAttr:
     RUNTIME_VERSION = "runtime_version"
     LATENCY_THREADS = "latency_threads"
     RUNTIME_FP32_LAYERS = "runtime_fp32_layers"  # layer -> why that runtime runs it with a float kernel
+    # what compression left alone, and why
+    FP32_LAYERS = "fp32_layers"  # layer -> why it stayed fp32 though int8 was asked (its kernel did not compile)
+    UNPRUNED_GROUPS = "unpruned_groups"  # [{"layers": [...], "reason": "left unpruned: ..."}, ...]
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
            SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
-           FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS)
+           FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS, FP32_LAYERS,
+           UNPRUNED_GROUPS)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -201,7 +205,8 @@ METRIC_ATTRS = (
     TrialAttr.ERROR, TrialAttr.FINETUNE_DEVICE, TrialAttr.RUNTIME, TrialAttr.RUNTIME_VERSION, TrialAttr.LATENCY_THREADS,
 )
 #: the per-trial records stored beside the metrics, when not empty
-RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.RUNTIME_FP32_LAYERS)
+RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.RUNTIME_FP32_LAYERS,
+                TrialAttr.FP32_LAYERS, TrialAttr.UNPRUNED_GROUPS)
 #: Optuna's system attribute holding an enqueued trial's given params
 FIXED_PARAMS = "fixed_params"
 

@@ -173,6 +173,16 @@ class SearchResult:
                 return [dict(layer, latency_share=layer.get("mmacs", 0.0) / total) for layer in layers]
         return []
 
+    def left_alone(self, number: int) -> dict:
+        """What a trial's compression left alone, and why: ``unpruned_groups`` (``[{"layers": [...],
+        "reason": ...}]``), ``fp32_layers`` (layer -> reason) and ``skipped_layers`` (layer -> reason)."""
+        keys = (TrialAttr.UNPRUNED_GROUPS, TrialAttr.FP32_LAYERS, TrialAttr.SKIPPED_LAYERS)
+        if self._study is not None:
+            for t in self._study.get_trials(deepcopy=False):
+                if t.number == int(number):
+                    return {k: t.user_attrs.get(k) or ([] if k == TrialAttr.UNPRUNED_GROUPS else {}) for k in keys}
+        return {TrialAttr.UNPRUNED_GROUPS: [], TrialAttr.FP32_LAYERS: {}, TrialAttr.SKIPPED_LAYERS: {}}
+
     # -- outputs --------------------------------------------------------------------------------
     def plot(self, path: str | os.PathLike, *, html: str | os.PathLike | None = None) -> Path:
         """Draw the Pareto plot (PNG), and the interactive one if ``html`` is given."""
@@ -260,6 +270,7 @@ class SearchResult:
             nearest=self.nearest() if best is None else None, baseline=self.baseline,
             ties=self.near_ties() if best is not None else None,
             where=where_text(self.trials, self.meta),
+            left_alone=self.left_alone(int(best["number"])) if best is not None else None,
         )
         return files
 

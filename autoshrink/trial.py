@@ -31,7 +31,7 @@ from autoshrink.compress.prune import PRUNABLE
 from autoshrink.compress.quantize import Int8CompileError, compile_checked, compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
 from autoshrink.measure.latency import Latency, MachineLock, measure_latency
-from autoshrink.record import State  # re-exported: how a trial ended
+from autoshrink.record import State, TrialAttr  # State re-exported: how a trial ended
 from autoshrink.runtimes import DEFAULT as DEFAULT_RUNTIME
 from autoshrink.runtimes import RuntimeLatency, fp32_in_runtime, time_runtime
 from autoshrink.runtimes import get as get_runtime
@@ -100,6 +100,7 @@ class TrialResult:
     layers: list[dict] = field(default_factory=list)
     skipped_layers: dict[str, str] = field(default_factory=dict)
     fp32_layers: dict[str, str] = field(default_factory=dict)  # asked to quantize, left fp32: why
+    unpruned_groups: list[dict] = field(default_factory=list)  # [{"layers": [...], "reason": ...}]: left whole
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # fvcore could not count: mmacs is "at least"
     finetune_device: str | None = None  # where the fine-tune ran: "cpu", "cuda:0 (NVIDIA H200)"
     runtime: str = ""  # the runtime that timed the gate (and evaluated the fine-tuned model)
@@ -156,6 +157,7 @@ def evaluate(
         comp = compress(task.model, candidate, x)
     result.compress_s = time.perf_counter() - t0
     result.skipped_layers = dict(comp.prune_report.skipped)
+    result.unpruned_groups = comp.prune_report.as_dict()[TrialAttr.UNPRUNED_GROUPS]
 
     # 2. cheap metrics, then latency of the deployable model
     t0 = time.perf_counter()

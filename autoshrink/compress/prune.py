@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ import torch.nn as nn
 from autoshrink import _batches
 from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
+from autoshrink.record import TrialAttr
 
 __all__ = [
     "GRAPH_TIMEOUT_VAR",
@@ -51,6 +53,7 @@ __all__ = [
     "PruneReport",
     "default_graph_timeout_s",
     "find_head",
+    "graph_groups",
     "prunable_layers",
     "prune_",
 ]
@@ -107,7 +110,7 @@ class PruneReport:
                 for c in self.layers
             ],
             "skipped": dict(self.skipped),
-            "unpruned_groups": [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
+            TrialAttr.UNPRUNED_GROUPS: [{"layers": list(g), "reason": why} for g, why in self.unpruned_groups],
             "notes": list(self.notes),
         }
 
@@ -355,9 +358,55 @@ def prune_(
     return report
 
 
-def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads, names, guard, report):
+def graph_groups(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    ignored: Sequence[str] = (),
+    graph_timeout_s: float | None = _FROM_ENV,  # type: ignore[assignment]
+    graph_memory_mb: float | None = DEFAULT_GRAPH_MEMORY_MB,
+) -> tuple[list[tuple[str, ...]], PruneReport]:
+    """The dependency groups :func:`prune_` would prune, found exactly as it finds them (the same
+    guarded graph construction, retry without reshape mapping and vetoes), with nothing pruned.
+
+    Args:
+        model: the model (its weights are not changed).
+        example_input: a batch it accepts.
+        ignored: layer names kept whole (e.g. the classifier head): groups coupled to them are left out.
+        graph_timeout_s, graph_memory_mb: the guard, as in :func:`prune_`.
+
+    Returns:
+        The prunable groups (member layer names, in graph order), and a :class:`PruneReport`
+        whose ``unpruned_groups``/``skipped`` name the groups that would be left unpruned and why
+        (``notes``: a rebuild without reshape mapping).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9, 2))
+        >>> graph_groups(m, torch.randn(1, 1, 5, 5), ignored=["3"])[0]
+        [('0',)]
+    """
+    was_training = model.training
+    model.eval()
+    skip = set(ignored)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in skip}
+    names = {m: n for n, m in layers.items()}
+    ignored_modules = [m for n, m in model.named_modules() if n in skip]
+    report = PruneReport(params_before=sum(p.numel() for p in model.parameters()))
+    timeout_s = default_graph_timeout_s() if graph_timeout_s is _FROM_ENV else graph_timeout_s
+    found: list[tuple[str, ...]] = []
+    try:
+        _prune_groups(model, example_input, {}, ignored_modules, None, _attention_heads(model), names,
+                      _Guard(timeout_s, graph_memory_mb), report, found=found)
+    finally:
+        model.train(was_training)
+    report.params_after = report.params_before
+    return found, report
+
+
+def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads, names, guard, report, found=None):
     """Build torch-pruning's graph (guarded), set aside the groups it cannot handle, and prune
-    the others one at a time, each undone if it fails or breaks the forward pass."""
+    the others one at a time, each undone if it fails or breaks the forward pass (with ``found``
+    a list: only append each prunable group's members to it, prune nothing)."""
     import torch_pruning as tp  # heavy; only needed here
 
     def build(ignore, share=None):
@@ -394,10 +443,10 @@ def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads,
 
     # torch-pruning redoes its index mapping for every group it builds: keep it off throughout
     with _without_reshape_mapping() if reshape_safe else contextlib.nullcontext():
-        return _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe)
+        return _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe, found)
 
 
-def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe):
+def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe, found=None):
     def members(group) -> tuple[str, ...]:
         return tuple(dict.fromkeys(
             names[dep.target.module] for dep, _ in group
@@ -428,8 +477,14 @@ def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report
                 if why is not None:
                     set_aside(g_members, why)
                     pruner.ignored_layers.extend(model.get_submodule(n) for n in g_members)
+                elif found is not None and g_members:
+                    found.append(g_members)
     except GraphGuardExceeded as exc:
         set_aside(tuple(names.values()), f"left unpruned: torch-pruning's group analysis {_reason(exc)}")
+        if found is not None:
+            found.clear()
+        return coupled
+    if found is not None:
         return coupled
 
     # 2. prune group by group; undo a group that fails or breaks the forward pass
@@ -511,8 +566,9 @@ def _veto(group, reshape_safe: bool) -> str | None:
             continue
         sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", getattr(node.grad_fn, "_saved_self_sizes", None))
         if sizes is not None and len(sizes) > 4:
-            return ("left unpruned: the group crosses a channel shuffle (a view through a groups axis), "
-                    "whose channel order torch-pruning does not follow")
+            return ("left unpruned: the group crosses a view to more than four dimensions (a channel shuffle "
+                    "through a groups axis, or a window/patch partition), whose channel order torch-pruning "
+                    "does not follow")
         if reshape_safe:
             return ("left unpruned: the group crosses a reshape, and torch-pruning's reshape mapping was "
                     "switched off (graph construction failed with it)")

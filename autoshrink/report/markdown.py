@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from autoshrink._files import write_text_atomic
+from autoshrink.record import TrialAttr
 from autoshrink.report.formatting import (
     PARAM_PREFIX,
     UNITS,
@@ -25,7 +26,7 @@ from autoshrink.report.formatting import (
 )
 from autoshrink.report.records import budget_limits, compare_with_teacher, front_columns, near_misses
 
-__all__ = ["baseline_text", "near_ties_text", "write_report_md"]
+__all__ = ["baseline_text", "left_alone_section", "near_ties_text", "write_report_md"]
 
 
 def write_report_md(
@@ -40,6 +41,7 @@ def write_report_md(
     baseline: tuple[pd.Series, str] | None = None,
     ties: pd.DataFrame | None = None,
     where: str | None = None,
+    left_alone: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Markdown report: budget, teacher, chosen model and its gains, the front, the plot.
 
@@ -62,6 +64,8 @@ def write_report_md(
             (:meth:`autoshrink.SearchResult.near_ties`), pointed out below it.
         where: where trials fine-tuned and latency was timed (:func:`autoshrink.report.where_text`),
             shown under the budget.
+        left_alone: what the chosen trial's compression left alone and why
+            (:meth:`autoshrink.SearchResult.left_alone`): listed under it.
 
     Returns:
         The path written.
@@ -106,6 +110,7 @@ def write_report_md(
             out += [baseline_text(chosen, *baseline), ""]
         if ties is not None and len(ties):
             out += [near_ties_text(chosen, ties, run=str(Path(path).parent)), ""]
+        out += left_alone_section(left_alone)
     else:
         out += _nothing_meets_section(limits, nearest)
 
@@ -199,6 +204,33 @@ def _chosen_section(chosen: pd.Series, teacher: Mapping[str, Any], metrics: list
                              [False, True]))
         out.append("")
     return out
+
+
+def left_alone_section(left_alone: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines naming what compression skipped: each group left unpruned with its layers and
+    the reason, each layer left fp32 though int8 was asked, and why (nothing when nothing was).
+
+    Example:
+        >>> print("\\n".join(left_alone_section({"unpruned_groups": [{"layers": ["a", "b"],
+        ...     "reason": "left unpruned: the group crosses a channel shuffle"}], "fp32_layers": {}})))
+        ### Left uncompressed
+        <BLANKLINE>
+        | what | layers | why |
+        | --- | --- | --- |
+        | unpruned group | a, b | left unpruned: the group crosses a channel shuffle |
+        <BLANKLINE>
+    """
+    if not left_alone:
+        return []
+    rows = [["unpruned group", ", ".join(g.get("layers", [])), g.get("reason", "")]
+            for g in left_alone.get(TrialAttr.UNPRUNED_GROUPS) or []]
+    grouped = {n for g in left_alone.get(TrialAttr.UNPRUNED_GROUPS) or [] for n in g.get("layers", [])}
+    rows += [["unpruned layer", n, why] for n, why in (left_alone.get(TrialAttr.SKIPPED_LAYERS) or {}).items()
+             if n not in grouped]
+    rows += [["fp32 layer", n, why] for n, why in (left_alone.get(TrialAttr.FP32_LAYERS) or {}).items()]
+    if not rows:
+        return []
+    return ["### Left uncompressed", "", _md_table(["what", "layers", "why"], rows, [False, False, False]), ""]
 
 
 def _nothing_meets_section(limits: Mapping[str, float], nearest: pd.DataFrame | None) -> list[str]:

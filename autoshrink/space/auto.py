@@ -72,6 +72,8 @@ class ModelGraph:
         unprunable: prunable-type layers in no group, and why.
         params: weight+bias parameters of each layer in ``order``.
         graph_error: why the dependency graph could not be built ("" when it was).
+        unpruned_groups: groups a trial's pruning would leave whole, as ``(layers, reason)``
+            (the reasons ``PruneReport.unpruned_groups`` gives: "left unpruned: ...").
     """
 
     order: tuple[str, ...]
@@ -82,6 +84,7 @@ class ModelGraph:
     unprunable: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, int] = field(default_factory=dict)
     graph_error: str = ""
+    unpruned_groups: tuple[tuple[tuple[str, ...], str], ...] = ()
 
     @property
     def prunable(self) -> tuple[str, ...]:
@@ -136,35 +139,24 @@ def _forward_order(model: nn.Module, example_input: Any) -> tuple[list[str], set
 
 def _dependency_groups(
     model: nn.Module, example_input: Any, head: str | None
-) -> tuple[list[PruneGroup], str]:
-    import torch_pruning as tp  # heavy; only needed here
+) -> tuple[list[PruneGroup], str, list[tuple[tuple[str, ...], str]]]:
+    """The groups a trial's pruning would act on, found as it finds them (the guarded graph
+    construction of :func:`autoshrink.compress.prune.graph_groups`), and those it would leave
+    unpruned with the reason."""
+    from autoshrink.compress.prune import graph_groups
 
     modules = dict(model.named_modules())
-    names = {m: n for n, m in modules.items() if isinstance(m, _PRUNABLE)}
-    ignored = [modules[head]] if head is not None else []
-    was_training = model.training
-    try:
-        with contextlib.redirect_stdout(None), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its notes on unwrapped parameters (a ViT's pos_embed)
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-        groups = []
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=_PRUNABLE):
-            members = tuple(dict.fromkeys(
-                names[dep.target.module]
-                for dep, _ in group
-                if dep.target.module in names and dg.is_out_channel_pruning_fn(dep.handler)
-            ))
-            if not members:
-                continue
-            root = members[0]
-            m = modules[root]
-            groups.append(PruneGroup(root, members, m.out_features if isinstance(m, nn.Linear) else m.out_channels))
-    except Exception as exc:  # torch-pruning's own failure on this graph: nothing is pruned, and we say why
-        first = next((line for line in str(exc).splitlines() if line.strip()), "")
-        return [], f"torch-pruning could not build the dependency graph ({type(exc).__name__}: {first[:200]})"
-    finally:
-        model.train(was_training)
-    return groups, ""
+    with contextlib.redirect_stdout(None), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notes on unwrapped parameters (a ViT's pos_embed)
+        found, report = graph_groups(model, example_input, ignored=[head] if head is not None else [])
+    groups = []
+    for members in found:
+        m = modules[members[0]]
+        groups.append(PruneGroup(members[0], members, m.out_features if isinstance(m, nn.Linear) else m.out_channels))
+    error = ""
+    if not found and report.unpruned_groups:
+        error = report.unpruned_groups[0][1]
+    return groups, error, list(report.unpruned_groups)
 
 
 def analyze(model: nn.Module, example_input: Any) -> ModelGraph:
@@ -187,12 +179,17 @@ def analyze(model: nn.Module, example_input: Any) -> ModelGraph:
     stem = None
     if first is not None and first != head and (first in raw or isinstance(modules[first], nn.Conv2d)):
         stem = first
-    groups, error = _dependency_groups(model, example_input, head) if len(order) > 1 else ([], "")
+    groups, error, unpruned = _dependency_groups(model, example_input, head) if len(order) > 1 else ([], "", [])
     grouped = {n for g in groups for n in g.layers}
     unprunable: dict[str, str] = {}
+    for members, why in unpruned:
+        for n in members:
+            unprunable.setdefault(n, why)
     for n in order:
         if n == head:
             unprunable[n] = "the classifier head: its outputs are the classes"
+        elif n in unprunable:
+            continue
         elif n not in grouped:
             unprunable[n] = error or ("coupled to a layer kept whole (the model's input or output, "
                                       "or the head) in torch-pruning's dependency graph")
@@ -206,6 +203,7 @@ def analyze(model: nn.Module, example_input: Any) -> ModelGraph:
         unprunable=unprunable,
         params=params,
         graph_error=error,
+        unpruned_groups=tuple(unpruned),
     )
 
 
