@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from autoshrink.record import OBJECTIVES, State, StudyAttr
+from autoshrink.record import State, StudyAttr
 
 __all__ = ["main"]
 
@@ -181,7 +181,8 @@ def _cmd_search(args) -> int:
 def _print_summary(result, front_table, plan_table) -> None:
     from rich.console import Console
 
-    from autoshrink.report import baseline_text, chosen_table, near_ties_text, nearest_table
+    from autoshrink.finalists import OBJECTIVES_EFFECTIVE
+    from autoshrink.report import baseline_text, chosen_table, finalist_lines, near_ties_text, nearest_table
 
     console = Console()
     df = result.trials
@@ -197,7 +198,7 @@ def _print_summary(result, front_table, plan_table) -> None:
     if len(failed) > 3:
         console.print(f"  ... and {int(failed.iloc[3:].sum())} more failures (see trials.csv)")
     if len(result.frontier):
-        console.print(front_table(df, OBJECTIVES))
+        console.print(front_table(df, OBJECTIVES_EFFECTIVE))  # deployed latency where re-timed
     best = result.best
     if best is None:
         constraints = result.budget.constraints()
@@ -211,6 +212,9 @@ def _print_summary(result, front_table, plan_table) -> None:
         why = "the fastest within the accuracy drop" if result.max_drop else "the most accurate within the budget"
         console.print(f"\n[bold green]Chosen: trial #{n}[/bold green] ({why})")
         console.print(chosen_table(best, result.teacher))
+        for line in finalist_lines(best):
+            if line:
+                console.print(line.replace("**", ""), highlight=False)
         try:
             console.print(f"configuration: {result.candidate(n).summary()}", highlight=False)
         except KeyError:
@@ -226,6 +230,12 @@ def _print_summary(result, front_table, plan_table) -> None:
     files = [name for name in ("trials.csv", "pareto.png", "pareto.html", "report.md", "best/")
              if (result.out / name).exists()]
     console.print(f"\nrun folder: {result.out}" + (f"  ({', '.join(files)})" if files else ""))
+    # last, so that they are the last thing on screen beside the answer
+    for line in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    note = result.noise_note()
+    if note:
+        console.print(f"[bold yellow]{note}[/bold yellow]", highlight=False)
 
 
 def _counts(df) -> str:

@@ -135,9 +135,15 @@ class StudyAttr:
     BUDGET_EDGE = "budget_edge"  # see autoshrink.search.budget_edge
     TIMED_OUT = "timed_out"  # the `minutes` limit stopped new trials
     LATENCY_MEASURED_ON = "latency_measured_on"  # the Ray node that timed latency, if not each worker
+    # after the trials (Optuna refuses user attrs on finished trials, so these are study-level, by trial number)
+    DEPLOYED = "deployed"  # {number: Spread.columns()}: finalists re-timed from their shipped artifacts
+    TEST_SCORES = "test_scores"  # {number: {test_accuracy, test_accuracy_se}}: the test split, scored once
+    WARNINGS = "warnings"  # [line, ...]: degradations a user must hear (summary, report)
+    MACHINE_LOAD = "machine_load"  # autoshrink.measure.load.sample_load() at the search's start
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
-           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON)
+           SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEPLOYED,
+           TEST_SCORES, WARNINGS, MACHINE_LOAD)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -176,10 +182,13 @@ class TrialAttr:
     # sweeps: the given candidate (flat) and its position in the list given
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
+    UNCOUNTED_OPS = "uncounted_ops"  # operator -> calls fvcore did not count: mmacs is "at least"
+    PATCH_WARNINGS = "patch_warnings"  # torchao patches the worker could not install (autoshrink.compress.quantize)
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
-           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX)
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX, UNCOUNTED_OPS,
+           PATCH_WARNINGS)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -190,7 +199,7 @@ METRIC_ATTRS = (
     TrialAttr.ERROR,
 )
 #: the per-trial records stored beside the metrics, when not empty
-RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS)
+RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.UNCOUNTED_OPS)
 #: Optuna's system attribute holding an enqueued trial's given params
 FIXED_PARAMS = "fixed_params"
 
@@ -203,6 +212,8 @@ class Reason:
     NO_REASON = "failed without a reason"
     NOT_RECOVERED = ("not recovered: trials/ holds no record of this trial (it had not finished, or its "
                      "record was lost)")
+    NO_ACCURACY = ("finished without an accuracy (the evaluation gave None or NaN: a diverged fine-tune, "
+                   "or a metric that returned no number)")
 
 
 #: trials that do not count towards the total: re-run on resume, or never run at all

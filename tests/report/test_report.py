@@ -157,9 +157,9 @@ def test_front_table() -> None:
 def test_plan_table() -> None:
     layers = [
         {"layer": "conv1", "bits": 8, "channels_before": 64, "channels_after": 48,
-         "latency_share": 0.4},
+         "macs_share": 0.4},
         {"layer": "fc", "bits": 32, "channels_before": 10, "channels_after": 10,
-         "latency_share": None},
+         "macs_share": None},
     ]
     assert plan_table(layers).row_count == 2
     with pytest.raises(ValueError, match=r"layers\[0\] has no 'bits'"):
