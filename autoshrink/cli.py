@@ -6,14 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from autoshrink.errors import AutoshrinkError
 from autoshrink.record import State, StudyAttr
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
-class CliError(Exception):
+class CliError(AutoshrinkError):
     """A user error to print as one line (exit code 2)."""
 
 
@@ -371,23 +373,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0): a code, as for any other outcome
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    from autoshrink.search import SearchError
-    from autoshrink.space import SpaceError
-    from autoshrink.task import TaskError
-
-    expected = (CliError, SpaceError, TaskError, SearchError, ValueError, OSError, KeyError,
-                TypeError)
+    # only our own user errors are one line with exit 2; anything else (a library's ValueError, an
+    # internal KeyError or TypeError) is a bug to report: exit 1 with its traceback
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         print(f"autoshrink: {exc}" if str(exc) else "autoshrink: interrupted", file=sys.stderr)
         return 130
-    except expected as exc:
+    except AutoshrinkError as exc:
         if args.debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"autoshrink: error: {msg}", file=sys.stderr)
+        print(f"autoshrink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - not ours to phrase: the whole traceback, exit 1
+        import traceback
+
+        traceback.print_exc()
+        print("autoshrink: internal error (the traceback above); please report it", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ import pandas as pd
 
 from autoshrink._files import atomic_path, write_text_atomic
 from autoshrink.budget import Budget
+from autoshrink.errors import InputError, RunNotFoundError
 from autoshrink.record import Reason, State, StudyAttr, TrialAttr
 
 __all__ = ["FINALIST_COLUMNS", "SearchResult", "finalist_frame", "load", "measure_teacher", "trials_frame"]
@@ -250,15 +251,15 @@ class SearchResult:
         if row is None:
             row = self.best
             if row is None:
-                raise ValueError("no trial meets the budget; pass a trial number to export one anyway")
+                raise InputError("no trial meets the budget; pass a trial number to export one anyway")
         number = int(row["number"]) if isinstance(row, pd.Series) else int(row)
         match = self.trials[self.trials["number"] == number]
         if match.empty:
-            raise ValueError(f"no trial {number} in {self.out}")
+            raise InputError(f"no trial {number} in {self.out}")
         src = self.out / "trials" / f"{number:04d}" / "model.pt2"
         if not src.is_file():
             state = match.iloc[0]["state"]
-            raise ValueError(
+            raise InputError(
                 f"trial {number} has no saved model (state {state}"
                 f"{', missed the budget' if match.iloc[0]['meets_budget'] is False else ''}); "
                 "only fine-tuned trials that met the budget are saved"
@@ -293,7 +294,7 @@ class SearchResult:
         if best is not None:
             try:
                 files["best"] = self.export(best, self.out / "best")
-            except ValueError as exc:  # e.g. its model.pt2 was deleted: said, and kept with the warnings
+            except (ValueError, KeyError) as exc:  # e.g. its model.pt2 or candidate.json was deleted: said, and kept with the warnings
                 line = f"best/ not written: trial {int(best['number'])} was chosen but cannot be exported ({exc})"
                 print(f"warning: {line}", file=sys.stderr)
                 self._warn(line)
@@ -386,13 +387,13 @@ def load(
     if storage is None:
         db = out / "study.db"
         if not db.is_file():
-            raise FileNotFoundError(f"{out}: no study.db here; is this an autoshrink run folder?")
+            raise RunNotFoundError(f"{out}: no study.db here; is this an autoshrink run folder?")
         storage = f"sqlite:///{db.resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise ValueError(f"{storage}: no study named {study_name!r}") from None
+        raise InputError(f"{storage}: no study named {study_name!r}") from None
     attrs = study.user_attrs
     if max_drop is None:
         max_drop = attrs.get(StudyAttr.MAX_DROP)

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoshrink.errors import AutoshrinkError
+
 __all__ = ["Deployable", "MissingRuntimeError", "Runtime", "RuntimeInfo", "layer_of_onnx_nodes"]
 
 
-class MissingRuntimeError(ImportError):
+class MissingRuntimeError(AutoshrinkError, ImportError):
     """A runtime whose optional dependencies are not installed (the message gives the pip command)."""
 
 

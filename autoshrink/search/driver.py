@@ -248,6 +248,7 @@ class Driver:
                 if not inflight:
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                view.tick()  # without a terminal: a plain line at least every 30 s, even while trials run
                 for ref in ready:
                     trial, cand = inflight.pop(ref)
                     try:

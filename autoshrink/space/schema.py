@@ -13,11 +13,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoshrink.candidate import ALLOWED_BITS
+from autoshrink.errors import AutoshrinkError
 
 __all__ = ["Defaults", "Distill", "Finetune", "LayerRule", "Range", "SpaceError", "SpaceModel", "format_errors"]
 
 
-class SpaceError(ValueError):
+class SpaceError(AutoshrinkError, ValueError):
     """A search space that cannot be used; the message names the file, key path and value."""
 
 
