@@ -294,7 +294,7 @@ class SearchResult:
         if best is not None:
             try:
                 files["best"] = self.export(best, self.out / "best")
-            except (ValueError, KeyError) as exc:  # e.g. its model.pt2 or candidate.json was deleted: said, and kept with the warnings
+            except (ValueError, KeyError) as exc:  # its model.pt2 or candidate.json is gone: said, and kept
                 line = f"best/ not written: trial {int(best['number'])} was chosen but cannot be exported ({exc})"
                 print(f"warning: {line}", file=sys.stderr)
                 self._warn(line)
