@@ -16,6 +16,7 @@ functions over ``FrozenTrial`` lists).
 from __future__ import annotations
 
 import os
+import sys
 
 from autoshrink import _env
 from autoshrink.budget import Budget
@@ -230,12 +231,16 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
         driver.run(config.trials)
         if not driver.interrupted:  # before close(): a latency target re-times on its own node
             say = print if config.progress else None
-            for line in finalize(task, study, budget, config.out, latency_runs=config.settings.latency_runs,
+            try:
+                lines = finalize(task, study, budget, config.out, latency_runs=config.settings.latency_runs,
                                  latency_threads=config.settings.latency_threads,
                                  lock_dir=config.settings.lock_dir, max_drop=config.max_drop,
-                                 meter=driver.meter, say=say):
-                if say is not None:
-                    say(f"warning: {line}")
+                                 meter=driver.meter, say=say)
+            except Exception as exc:  # noqa: BLE001 - the trials are done: keep them, and say what is missing
+                lines = add_warnings(study, [f"the finalists were not re-timed or scored on the test split "
+                                             f"({type(exc).__name__}: {exc}); figures are the trials' own"])
+            for line in lines:
+                print(f"warning: {line}", file=sys.stderr)
     finally:
         driver.close()
     study.set_user_attr(StudyAttr.TIMED_OUT, driver.timed_out)
