@@ -8,13 +8,17 @@ rich is imported only when a bar is shown.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from autoshrink.budget import Budget
 from autoshrink.record import State
 
-__all__ = ["Bar", "ProgressView"]
+__all__ = ["PLAIN_EVERY_S", "Bar", "ProgressView"]
+
+#: without a terminal, a plain progress line at least this often (seconds)
+PLAIN_EVERY_S = 30.0
 
 
 class Bar:
@@ -35,9 +39,18 @@ class Bar:
     """
 
     def __init__(self, label: str, total: int, *, completed: int = 0, unit: str = "", extra: str | None = None,
-                 fields: Mapping[str, Any] | None = None, console: Any = None, enabled: bool = True) -> None:
+                 fields: Mapping[str, Any] | None = None, console: Any = None, enabled: bool = True,
+                 plain: bool | None = None, every_s: float = PLAIN_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.progress = None
+        self.plain: _PlainLines | None = None
         if not enabled:
+            return
+        if plain is None:  # not a terminal (a log file, CI, nohup): a live bar would print nothing until the end
+            plain = not getattr(console, "is_terminal", sys.stdout.isatty())
+        if plain:
+            self.plain = _PlainLines(label, total, completed, unit, extra, dict(fields or {}), console, every_s, clock)
+            self.task = 0
             return
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -52,26 +65,43 @@ class Bar:
 
     @property
     def completed(self) -> float:
+        if self.plain is not None:
+            return self.plain.completed
         return self.progress.tasks[0].completed if self.progress is not None else 0
 
     def advance(self, steps: int = 1, **fields: Any) -> None:
         """``steps`` more done; ``fields`` update the ``extra`` column."""
-        if self.progress is not None:
+        if self.plain is not None:
+            self.plain.update(self.plain.completed + steps, fields)
+        elif self.progress is not None:
             self.progress.update(self.task, advance=steps, **fields)
 
     def update(self, *, completed: int | None = None, **fields: Any) -> None:
         """Set the count done (when given) and the ``extra`` fields."""
-        if self.progress is not None:
+        if self.plain is not None:
+            self.plain.update(self.plain.completed if completed is None else completed, fields)
+        elif self.progress is not None:
             if completed is not None:
                 fields["completed"] = completed
             self.progress.update(self.task, **fields)
 
+    def tick(self) -> None:
+        """Nothing new, but time passed: without a terminal, a plain line once ``every_s`` is due
+        (a long step, a trial that runs for minutes, still shows the run is alive)."""
+        if self.plain is not None:
+            self.plain.update(self.plain.completed, {})
+
     def print(self, text: str) -> None:
         """A line above the bar (kept in a log)."""
-        if self.progress is not None:
+        if self.plain is not None:
+            self.plain.console.print(text)
+        elif self.progress is not None:
             self.progress.console.print(text)
 
     def close(self) -> None:
+        if self.plain is not None:
+            self.plain.line()
+            self.plain = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -81,6 +111,44 @@ class Bar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PlainLines:
+    """Without a terminal: ``label: 3/10 unit · 0:01:05 elapsed · extra`` as plain lines, the first
+    at once and then whenever ``every_s`` has passed since the last one (and a last one at the end)."""
+
+    def __init__(self, label: str, total: int, completed: int, unit: str, extra: str | None,
+                 fields: dict, console: Any, every_s: float, clock: Callable[[], float]) -> None:
+        from rich.console import Console
+
+        self.label, self.total, self.completed, self.unit = label, total, completed, unit
+        self.extra, self.fields = extra, fields
+        self.console = console if console is not None else Console(highlight=False)
+        self.every_s, self.clock = every_s, clock
+        self.start = self.last = clock()
+        self.line()
+
+    def update(self, completed: float, fields: Mapping[str, Any]) -> None:
+        self.completed = completed
+        self.fields.update(fields)
+        if self.clock() - self.last >= self.every_s:
+            self.line()
+
+    def line(self) -> None:
+        now = self.clock()
+        self.last = now
+        elapsed = int(now - self.start)
+        text = (f"{self.label}: {self.completed:g}/{self.total}{' ' + self.unit if self.unit else ''} · "
+                f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d} elapsed")
+        if self.extra:
+            class _Task:  # the rich template names ``task.fields[...]``
+                fields = self.fields
+
+            try:
+                text += " " + self.extra.format(task=_Task)
+            except (KeyError, IndexError, AttributeError):
+                pass
+        self.console.print(text, markup=False, highlight=False)
 
 
 class ProgressView:
@@ -134,6 +202,11 @@ class ProgressView:
             self.bar.advance(best=best)
         else:
             self.bar.update(completed=done, best=best)
+
+    def tick(self) -> None:
+        """Time passed with no trial finished (see :meth:`Bar.tick`)."""
+        if self.bar is not None:
+            self.bar.tick()
 
     def note(self, text: str) -> None:
         if self.bar is not None:

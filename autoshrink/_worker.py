@@ -67,6 +67,10 @@ def run_trial(
     except Exception as exc:  # a trial's failure is data, not a crash of the search
         result = TrialResult(state=State.FAIL, error=_reason(exc), runtime=ctx.runtime)
     out = result.metrics()
+    from autoshrink.compress.quantize import patch_warnings
+    from autoshrink.record import TrialAttr
+
+    out[TrialAttr.PATCH_WARNINGS] = patch_warnings()  # torchao patches skipped in this worker: said, not hidden
     for key, value in list(out.items()):
         if isinstance(value, float) and not math.isfinite(value):
             out[key] = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from autoshrink.errors import InputError
+
 __all__ = ["Budget"]
 
 
@@ -35,9 +37,9 @@ class Budget:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"budget {name}: {value!r} is not a number")
+                raise InputError(f"budget {name}: {value!r} is not a number")
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"budget {name}: {value!r} must be a positive number")
+                raise InputError(f"budget {name}: {value!r} must be a positive number")
             object.__setattr__(self, name, float(value))
 
     def constraints(self) -> dict[str, float]:

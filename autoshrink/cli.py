@@ -10,15 +10,16 @@ from collections.abc import Sequence
 
 from autoshrink._cliargs import catch_sigterm, check_device_args, check_task_flags, out_file, out_folder
 from autoshrink.errors import AutoshrinkError
-from autoshrink.record import OBJECTIVES, State, StudyAttr
+from autoshrink.record import State, StudyAttr
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_INTERNAL = 1
 
 
-class CliError(Exception):
+class CliError(AutoshrinkError):
     """A user error to print as one line (exit code 2)."""
 
 
@@ -247,7 +248,8 @@ def _check_reachable_early(model, x, space, budget, args) -> None:
 def _print_summary(result, front_table, plan_table) -> None:
     from rich.console import Console
 
-    from autoshrink.report import baseline_text, chosen_table, near_ties_text, nearest_table
+    from autoshrink.finalists import OBJECTIVES_EFFECTIVE
+    from autoshrink.report import baseline_text, chosen_table, finalist_lines, near_ties_text, nearest_table
 
     console = Console()
     df = result.trials
@@ -266,7 +268,7 @@ def _print_summary(result, front_table, plan_table) -> None:
     if len(failed) > 3:
         console.print(f"  ... and {int(failed.iloc[3:].sum())} more failures (see trials.csv)")
     if len(result.frontier):
-        console.print(front_table(df, OBJECTIVES))
+        console.print(front_table(df, OBJECTIVES_EFFECTIVE))  # deployed latency where re-timed
     best = result.best
     if best is None:
         constraints = result.budget.constraints()
@@ -280,6 +282,9 @@ def _print_summary(result, front_table, plan_table) -> None:
         why = "the fastest within the accuracy drop" if result.max_drop else "the most accurate within the budget"
         console.print(f"\n[bold green]Chosen: trial #{n}[/bold green] ({why})")
         console.print(chosen_table(best, result.teacher))
+        for line in finalist_lines(best):
+            if line:
+                console.print(line.replace("**", ""), highlight=False)
         try:
             console.print(f"configuration: {result.candidate(n).summary()}", highlight=False)
         except KeyError:
@@ -295,6 +300,12 @@ def _print_summary(result, front_table, plan_table) -> None:
     files = [name for name in ("trials.csv", "pareto.png", "pareto.html", "report.md", "best/")
              if (result.out / name).exists()]
     console.print(f"\nrun folder: {result.out}" + (f"  ({', '.join(files)})" if files else ""))
+    # last, so that they are the last thing on screen beside the answer
+    for line in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    note = result.noise_note()
+    if note:
+        console.print(f"[bold yellow]{note}[/bold yellow]", highlight=False)
 
 
 def _counts(df) -> str:
@@ -454,13 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from autoshrink import _env
 
         _env.quiet()
-    from autoshrink.search import SearchError
-    from autoshrink.space import SpaceError
-    from autoshrink.task import TaskError
-
-    # AutoshrinkError: ours, e.g. --runtime without its extra (the pip command, one line)
-    expected = (AutoshrinkError, CliError, SpaceError, TaskError, SearchError, ValueError, OSError,
-                KeyError, TypeError)
+    # only our own user errors are one line with exit 2; anything else (a library's ValueError, an
+    # internal KeyError or TypeError) is a bug to report: exit 1 with its traceback
     terminated: list[int] = []
     previous = catch_sigterm(terminated)
     try:
@@ -473,12 +479,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(EXIT_TERMINATED)
         return 130
-    except expected as exc:
+    except AutoshrinkError as exc:
         if args.debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"autoshrink: error: {msg}", file=sys.stderr)
+        print(f"autoshrink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - not ours to phrase: the whole traceback, exit 1
+        import traceback
+
+        traceback.print_exc()
+        print("autoshrink: internal error (the traceback above); please report it", file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

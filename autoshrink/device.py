@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from autoshrink.errors import AutoshrinkError
+
 __all__ = [
     "DEVICE_CHOICES",
     "DeviceError",
@@ -47,7 +49,7 @@ __all__ = [
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-class DeviceError(ValueError):
+class DeviceError(AutoshrinkError, ValueError):
     """A ``device`` that cannot be used here (malformed, or CUDA asked for without one)."""
 
 

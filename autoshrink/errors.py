@@ -7,8 +7,16 @@ all at once) and, where the cause is a value the user gave, :class:`ValueError` 
 
 from __future__ import annotations
 
-__all__ = ["AutoshrinkError"]
+__all__ = ["AutoshrinkError", "InputError", "RunNotFoundError"]
 
 
 class AutoshrinkError(Exception):
     """Base class of autoshrink's own errors: the message is one line, meant for the user."""
+
+
+class InputError(AutoshrinkError, ValueError):
+    """A value the user gave breaks a rule (a count, a budget, a trial number, a name)."""
+
+
+class RunNotFoundError(AutoshrinkError, FileNotFoundError):
+    """A run folder that holds no run (no ``study.db``)."""

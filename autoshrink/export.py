@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from autoshrink.errors import AutoshrinkError
+
 __all__ = ["ExportError", "load_deployable", "load_program", "to_onnx"]
 
 
-class ExportError(ValueError):
+class ExportError(AutoshrinkError, ValueError):
     """A model file that cannot be loaded or converted (the message says what and why)."""
 
 

@@ -138,10 +138,15 @@ class StudyAttr:
     DEVICE = "device"  # where trials fine-tune, as asked (cpu / cuda / auto); each trial's finetune_device says where
     GPUS_PER_TRIAL = "gpus_per_trial"  # Ray's num_gpus per trial
     RUNTIME = "runtime"  # the deployment runtime every latency and accuracy was taken in
+    # after the trials (Optuna refuses user attrs on finished trials, so these are study-level, by trial number)
+    DEPLOYED = "deployed"  # {number: Spread.columns()}: finalists re-timed from their shipped artifacts
+    TEST_SCORES = "test_scores"  # {number: {test_accuracy, test_accuracy_se}}: the test split, scored once
+    WARNINGS = "warnings"  # [line, ...]: degradations a user must hear (summary, report)
+    MACHINE_LOAD = "machine_load"  # autoshrink.measure.load.sample_load() at the search's start
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
            SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
-           GPUS_PER_TRIAL, RUNTIME)
+           GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -189,12 +194,14 @@ class TrialAttr:
     # what compression left alone, and why
     FP32_LAYERS = "fp32_layers"  # layer -> why it stayed fp32 though int8 was asked (its kernel did not compile)
     UNPRUNED_GROUPS = "unpruned_groups"  # [{"layers": [...], "reason": "left unpruned: ..."}, ...]
+    UNCOUNTED_OPS = "uncounted_ops"  # operator -> calls fvcore did not count: mmacs is "at least"
+    PATCH_WARNINGS = "patch_warnings"  # torchao patches the worker could not install (autoshrink.compress.quantize)
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
            SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
            FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS, FP32_LAYERS,
-           UNPRUNED_GROUPS)
+           UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -206,7 +213,7 @@ METRIC_ATTRS = (
 )
 #: the per-trial records stored beside the metrics, when not empty
 RECORD_ATTRS = (TrialAttr.HISTORY, TrialAttr.LAYERS, TrialAttr.SKIPPED_LAYERS, TrialAttr.RUNTIME_FP32_LAYERS,
-                TrialAttr.FP32_LAYERS, TrialAttr.UNPRUNED_GROUPS)
+                TrialAttr.FP32_LAYERS, TrialAttr.UNPRUNED_GROUPS, TrialAttr.UNCOUNTED_OPS)
 #: Optuna's system attribute holding an enqueued trial's given params
 FIXED_PARAMS = "fixed_params"
 
@@ -219,6 +226,8 @@ class Reason:
     NO_REASON = "failed without a reason"
     NOT_RECOVERED = ("not recovered: trials/ holds no record of this trial (it had not finished, or its "
                      "record was lost)")
+    NO_ACCURACY = ("finished without an accuracy (the evaluation gave None or NaN: a diverged fine-tune, "
+                   "or a metric that returned no number)")
 
 
 #: trials that do not count towards the total: re-run on resume, or never run at all

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import pandas as pd
 
 from autoshrink._files import atomic_path, write_text_atomic
 from autoshrink.budget import Budget
-from autoshrink.record import OBJECTIVES, Reason, State, StudyAttr, TrialAttr
+from autoshrink.errors import InputError, RunNotFoundError
+from autoshrink.record import Reason, State, StudyAttr, TrialAttr
 
-__all__ = ["SearchResult", "load", "measure_teacher", "trials_frame"]
+__all__ = ["FINALIST_COLUMNS", "SearchResult", "finalist_frame", "load", "measure_teacher", "trials_frame"]
 
 COLUMNS = [
     "number", "state", "accuracy", "accuracy_se", "latency_ms", "size_mb", "mmacs", "bops",
@@ -33,6 +35,13 @@ TEXT_EXTRA = [TrialAttr.FINETUNE_DEVICE]
 RUNTIME_COLUMNS = [TrialAttr.RUNTIME, TrialAttr.RUNTIME_VERSION, TrialAttr.LATENCY_THREADS]
 #: a trial's artifact files in a runtime other than Inductor (model.pt2 is always there)
 RUNTIME_ARTIFACTS = ("model.onnx", "model.xml", "model.bin")
+#: after the trials (finalists, merged from study attributes by :func:`load`): the shipped artifact
+#: re-timed, the figure that decides, and the test split
+FINALIST_COLUMNS = [
+    "latency_ms_deployed", "latency_deployed_p25_ms", "latency_deployed_p75_ms", "latency_deployed_p90_ms",
+    "latency_deployed_ci_low_ms", "latency_deployed_ci_high_ms", "latency_ms_effective", "latency_source",
+    "meets_budget_gate", "test_accuracy", "test_accuracy_se", TrialAttr.UNCOUNTED_OPS,
+]
 
 
 def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60, *, runtime: str = "inductor") -> dict:
@@ -57,6 +66,9 @@ def trials_frame(study) -> pd.DataFrame:
         # a search samples Optuna params; a sweep records its given candidates' values
         for name, value in (t.params or a.get(TrialAttr.CANDIDATE_PARAMS, {})).items():
             row[f"param_{name}"] = value
+        uncounted = a.get(TrialAttr.UNCOUNTED_OPS) or {}
+        # operator -> calls fvcore did not count (mmacs is then a lower bound); "" when none
+        row[TrialAttr.UNCOUNTED_OPS] = "; ".join(f"{op} x{n}" for op, n in sorted(uncounted.items()))
         if TrialAttr.CANDIDATE_INDEX in a:  # a sweep's trial: the position of its candidate in the list given
             row[TrialAttr.CANDIDATE_INDEX] = a[TrialAttr.CANDIDATE_INDEX]
         rows.append(row)
@@ -70,10 +82,27 @@ def trials_frame(study) -> pd.DataFrame:
     for col in RUNTIME_COLUMNS:
         if col not in df:
             df[col] = None
-    ordered = (COLUMNS + EXTRA + TEXT_EXTRA + RUNTIME_COLUMNS
+    if TrialAttr.UNCOUNTED_OPS not in df:
+        df[TrialAttr.UNCOUNTED_OPS] = ""
+    ordered = (COLUMNS + EXTRA + TEXT_EXTRA + RUNTIME_COLUMNS + [TrialAttr.UNCOUNTED_OPS]
                + sorted(c for c in df.columns if c.startswith("param_")))
     ordered += [TrialAttr.CANDIDATE_INDEX] if TrialAttr.CANDIDATE_INDEX in df.columns else []
     return df[ordered].sort_values("number").reset_index(drop=True)
+
+
+def finalist_frame(df: pd.DataFrame, attrs: dict, budget: Budget) -> pd.DataFrame:
+    """``df`` with the finalists' figures stored on the study merged in: the deployed latency and
+    its spread, the effective latency and its source, ``meets_budget`` on it (the trial's own
+    verdict kept as ``meets_budget_gate``), and the test-split scores (see :mod:`autoshrink.finalists`)."""
+    from autoshrink.finalists import merge_deployed, merge_test_scores, with_effective_latency
+
+    known = set(pd.to_numeric(df["number"], errors="coerce").dropna().astype(int))
+    # a figure for a trial not in this frame (a partly recovered study) is dropped, not fatal
+    deployed = {k: v for k, v in (attrs.get(StudyAttr.DEPLOYED) or {}).items() if int(k) in known}
+    scores = {k: v for k, v in (attrs.get(StudyAttr.TEST_SCORES) or {}).items() if int(k) in known}
+    out = merge_test_scores(merge_deployed(df, deployed), scores)
+    out = with_effective_latency(out, budget.constraints())
+    return out[[c for c in out.columns if c not in FINALIST_COLUMNS] + [c for c in FINALIST_COLUMNS if c in out]]
 
 
 @dataclass
@@ -98,22 +127,45 @@ class SearchResult:
 
     @property
     def frontier(self) -> pd.DataFrame:
-        """The Pareto-optimal trials (accuracy up, latency down) among those fine-tuned."""
-        from autoshrink.frontier import pareto_front
+        """The Pareto-optimal trials (accuracy up, latency down) among those fine-tuned, on the
+        effective latency (``latency_ms_deployed`` where re-timed as shipped, else ``latency_ms``)."""
+        from autoshrink.finalists import effective_front
 
         done = self.trials[self.trials["state"] == State.COMPLETE]
-        return pareto_front(done, OBJECTIVES)
+        return effective_front(done, self.budget.constraints())
 
     @property
     def best(self) -> pd.Series | None:
         """The most accurate trial that meets the budget (with ``max_drop``: the fastest one
-        within that many points of the teacher); None if no trial qualifies."""
-        from autoshrink.frontier import select_best
+        within that many points of the teacher), judged on the effective latency; None if no
+        trial qualifies."""
+        from autoshrink.finalists import choose
 
-        return select_best(
+        return choose(
             self.trials, self.budget.constraints(), max_drop=self.max_drop,
             reference_accuracy=self.teacher.get("accuracy"),
         )
+
+    @property
+    def warnings(self) -> list[str]:
+        """Degradations a user must hear (the study's ``WARNINGS``: a check that could not run, a
+        finalist that could not be re-timed, a noisy machine, ...), in the order they arose."""
+        return list(self.meta.get(StudyAttr.WARNINGS) or [])
+
+    def noise_note(self) -> str | None:
+        """"within the noise" when the latency budget lies inside the chosen model's re-timed
+        spread (see :func:`autoshrink.finalists.noise_note`), else None."""
+        from autoshrink.finalists import noise_note
+
+        return noise_note(self.best, self.budget.latency_ms)
+
+    def hypervolume(self, reference: dict[str, float]) -> float:
+        """Hypervolume of the trials on accuracy and the effective latency (``reference`` names
+        ``accuracy`` and ``latency_ms``)."""
+        from autoshrink.finalists import effective_hypervolume
+
+        done = self.trials[self.trials["state"] == State.COMPLETE]
+        return effective_hypervolume(done, reference, self.budget.constraints())
 
     @property
     def baseline(self) -> tuple[pd.Series, str] | None:
@@ -136,12 +188,12 @@ class SearchResult:
         """Trials within one standard error of the chosen model's accuracy that are no slower and
         no larger, and faster or smaller (see :func:`autoshrink.frontier.near_ties`); none with
         ``max_drop``, whose choice is already the fastest."""
-        from autoshrink.frontier import near_ties
+        from autoshrink.finalists import effective_near_ties
 
         best = self.best
         if best is None or self.max_drop is not None:
             return self.trials.iloc[:0]
-        return near_ties(self.trials, self.budget.constraints(), best, k=k)
+        return effective_near_ties(self.trials, self.budget.constraints(), best, k=k)
 
     def nearest(self, k: int = 3) -> pd.DataFrame:
         """When nothing meets the budget: the trials closest to it."""
@@ -163,14 +215,15 @@ class SearchResult:
         raise KeyError(f"no candidate recorded for trial {number} in {self.out}")
 
     def layer_plan(self, number: int) -> list[dict]:
-        """Per-layer plan of a trial: layer, bits, channels before -> after, share of MACs."""
+        """Per-layer plan of a trial: layer, bits, channels before -> after, ``macs_share`` (its
+        fraction of the compressed model's MACs; a proxy for where time goes, not a timing)."""
         if self._study is None:
             return []
         for t in self._study.get_trials(deepcopy=False):
             if t.number == int(number):
                 layers = t.user_attrs.get(TrialAttr.LAYERS, [])
                 total = sum(layer.get("mmacs", 0.0) for layer in layers) or 1.0
-                return [dict(layer, latency_share=layer.get("mmacs", 0.0) / total) for layer in layers]
+                return [dict(layer, macs_share=layer.get("mmacs", 0.0) / total) for layer in layers]
         return []
 
     def left_alone(self, number: int) -> dict:
@@ -186,16 +239,20 @@ class SearchResult:
     # -- outputs --------------------------------------------------------------------------------
     def plot(self, path: str | os.PathLike, *, html: str | os.PathLike | None = None) -> Path:
         """Draw the Pareto plot (PNG), and the interactive one if ``html`` is given."""
+        from autoshrink.finalists import EFFECTIVE, OBJECTIVES_EFFECTIVE, effective_constraints
         from autoshrink.report import plot_pareto, plot_pareto_html
 
         best = self.best
         chosen = None if best is None else int(best["number"])
-        teacher = {k: self.teacher.get(k) for k in ("accuracy", "latency_ms")} if self.teacher else None
-        plot_pareto(self.trials, path, constraints=self.budget.constraints(), chosen=chosen,
-                    teacher=teacher, objectives=OBJECTIVES)
+        teacher = ({"accuracy": self.teacher.get("accuracy"), EFFECTIVE: self.teacher.get("latency_ms")}
+                   if self.teacher else None)
+        # re-timed trials sit at their deployed figure; their gate figure is drawn hollow, linked to it
+        limits = effective_constraints(self.budget.constraints())
+        plot_pareto(self.trials, path, x=EFFECTIVE, constraints=limits, chosen=chosen,
+                    teacher=teacher, objectives=OBJECTIVES_EFFECTIVE)
         if html is not None:
-            plot_pareto_html(self.trials, html, constraints=self.budget.constraints(),
-                             chosen=chosen, teacher=teacher, objectives=OBJECTIVES)
+            plot_pareto_html(self.trials, html, x=EFFECTIVE, constraints=limits,
+                             chosen=chosen, teacher=teacher, objectives=OBJECTIVES_EFFECTIVE)
         return Path(path)
 
     def export(self, row: pd.Series | int | None, path: str | os.PathLike, *, onnx: bool = False) -> Path:
@@ -216,15 +273,15 @@ class SearchResult:
         if row is None:
             row = self.best
             if row is None:
-                raise ValueError("no trial meets the budget; pass a trial number to export one anyway")
+                raise InputError("no trial meets the budget; pass a trial number to export one anyway")
         number = int(row["number"]) if isinstance(row, pd.Series) else int(row)
         match = self.trials[self.trials["number"] == number]
         if match.empty:
-            raise ValueError(f"no trial {number} in {self.out}")
+            raise InputError(f"no trial {number} in {self.out}")
         src = self.out / "trials" / f"{number:04d}" / "model.pt2"
         if not src.is_file():
             state = match.iloc[0]["state"]
-            raise ValueError(
+            raise InputError(
                 f"trial {number} has no saved model (state {state}"
                 f"{', missed the budget' if match.iloc[0]['meets_budget'] is False else ''}); "
                 "only fine-tuned trials that met the budget are saved"
@@ -238,9 +295,12 @@ class SearchResult:
                     shutil.copyfile(src.parent / name, tmp)
         write_text_atomic(dest / "candidate.json", self.candidate(number).to_json())
         metrics = {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+        chosen = self.best
+        note = self.noise_note() if chosen is not None and int(chosen["number"]) == number else None
         write_text_atomic(dest / "metrics.json", json.dumps(
             {"trial": metrics, "teacher": self.teacher, "budget": self.budget.constraints(),
-             "layers": self.layer_plan(number)}, indent=2, default=str))
+             "layers": self.layer_plan(number), "noise_note": note, StudyAttr.WARNINGS: self.warnings,
+             StudyAttr.MACHINE_LOAD: self.meta.get(StudyAttr.MACHINE_LOAD)}, indent=2, default=str))
         if onnx:  # before the README, which then names model.onnx only if it was written
             from autoshrink.export import to_onnx
 
@@ -261,8 +321,10 @@ class SearchResult:
         if best is not None:
             try:
                 files["best"] = self.export(best, self.out / "best")
-            except ValueError:
-                pass
+            except (ValueError, KeyError) as exc:  # its model.pt2 or candidate.json is gone: said, and kept
+                line = f"best/ not written: trial {int(best['number'])} was chosen but cannot be exported ({exc})"
+                print(f"warning: {line}", file=sys.stderr)
+                self._warn(line)
         files["report"] = self.out / "report.md"
         write_report_md(
             files["report"], teacher=self.teacher, chosen=best, front=self.frontier,
@@ -271,8 +333,18 @@ class SearchResult:
             ties=self.near_ties() if best is not None else None,
             where=where_text(self.trials, self.meta),
             left_alone=self.left_alone(int(best["number"])) if best is not None else None,
+            warnings=self.warnings, noise_note=self.noise_note(),
         )
         return files
+
+    def _warn(self, line: str) -> None:
+        """Keep ``line`` with the run's warnings (in ``meta`` and, when open, the study)."""
+        have = self.warnings
+        if line in have:
+            return
+        self.meta[StudyAttr.WARNINGS] = have + [line]
+        if self._study is not None:
+            self._study.set_user_attr(StudyAttr.WARNINGS, have + [line])
 
 
 def _plain(v: Any) -> Any:
@@ -365,21 +437,22 @@ def load(
     if storage is None:
         db = out / "study.db"
         if not db.is_file():
-            raise FileNotFoundError(f"{out}: no study.db here; is this an autoshrink run folder?")
+            raise RunNotFoundError(f"{out}: no study.db here; is this an autoshrink run folder?")
         storage = f"sqlite:///{db.resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise ValueError(f"{storage}: no study named {study_name!r}") from None
+        raise InputError(f"{storage}: no study named {study_name!r}") from None
     attrs = study.user_attrs
     if max_drop is None:
         max_drop = attrs.get(StudyAttr.MAX_DROP)
+    budget = Budget(**attrs.get(StudyAttr.BUDGET, {}))
     return SearchResult(
         out=out,
-        trials=trials_frame(study),
+        trials=finalist_frame(trials_frame(study), attrs, budget),
         teacher=attrs.get(StudyAttr.TEACHER, {}),
-        budget=Budget(**attrs.get(StudyAttr.BUDGET, {})),
+        budget=budget,
         max_drop=max_drop,
         meta=dict(attrs),
         _study=study,

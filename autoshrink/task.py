@@ -13,13 +13,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from autoshrink import _batches
+from autoshrink.errors import AutoshrinkError
 
 __all__ = ["Task", "TaskError", "top1_accuracy"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
 
-class TaskError(ValueError):
+class TaskError(AutoshrinkError, ValueError):
     """A task's model, data or example input cannot be used as given."""
 
 

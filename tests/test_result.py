@@ -128,8 +128,8 @@ def test_frontier_and_best(interrupted):
     assert result.candidate(3) == ash.Candidate.uniform(bits=8, prune=0.25)
     plan = result.layer_plan(0)
     assert [p["layer"] for p in plan] == ["conv1", "layer1.0.conv1"]
-    assert sum(p["latency_share"] for p in plan) == pytest.approx(1.0)
-    assert plan[1]["latency_share"] == pytest.approx(0.75)
+    assert sum(p["macs_share"] for p in plan) == pytest.approx(1.0)
+    assert plan[1]["macs_share"] == pytest.approx(0.75)
     with pytest.raises(KeyError, match="no candidate recorded for trial 5"):
         result.candidate(5)
 

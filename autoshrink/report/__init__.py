@@ -21,7 +21,7 @@ from __future__ import annotations
 from autoshrink.report.files import write_csv_atomic
 from autoshrink.report.formatting import AXIS_COLUMNS
 from autoshrink.report.html import plot_pareto_html
-from autoshrink.report.markdown import baseline_text, near_ties_text, write_report_md
+from autoshrink.report.markdown import baseline_text, finalist_lines, near_ties_text, write_report_md
 from autoshrink.report.png import plot_pareto
 from autoshrink.report.provenance import where_text
 from autoshrink.report.records import ParetoPlotData, pareto_plot_data
@@ -32,6 +32,7 @@ __all__ = [
     "ParetoPlotData",
     "baseline_text",
     "chosen_table",
+    "finalist_lines",
     "front_table",
     "near_ties_text",
     "nearest_table",

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from autoshrink.frontier import Direction
-from autoshrink.record import State
+from autoshrink.record import State, TrialAttr
 
 #: Columns offered on the axes of the interactive plot, in menu order.
 AXIS_COLUMNS = ("latency_ms", "size_mb", "mmacs", "bops", "params", "accuracy")
@@ -27,6 +27,10 @@ UNITS: dict[str, tuple[str, str]] = {
     "bops": ("Bit operations", "BOPs"),
     "params": ("Parameters", "count"),
     "finetune_s": ("Fine-tune time", "s"),
+    # deployed where the shipped artifact was re-timed, the trial's gate figure otherwise
+    "latency_ms_effective": ("Latency (deployed where re-timed)", "ms"),
+    "latency_ms_deployed": ("Latency, shipped artifact", "ms"),
+    "test_accuracy": ("Test accuracy", "%"),
 }
 
 
@@ -129,10 +133,12 @@ def default_direction(col: str) -> Direction:
 
 # column -> header of the front tables (terminal and report.md): the unit, not the suffix
 HEADERS = {"number": "trial", "accuracy": "accuracy %", "latency_ms": "latency ms",
-            "size_mb": "size MB", "mmacs": "MMACs", "meets_budget": "budget"}
+            "size_mb": "size MB", "mmacs": "MMACs", "meets_budget": "budget",
+            "test_accuracy": "test accuracy %", "latency_ms_deployed": "deployed ms",
+            "latency_ms_effective": "deciding ms"}  # deployed where re-timed, else the gate figure
 
 
-DECIMALS = {"latency_ms": 3, "size_mb": 3, "mmacs": 2}
+DECIMALS = {"latency_ms": 3, "size_mb": 3, "mmacs": 2, "latency_ms_deployed": 3, "latency_ms_effective": 3}
 
 
 def header_of(col: str) -> str:
@@ -151,6 +157,12 @@ def accuracy_cell(row: pd.Series) -> str:
 def cell_text(row: pd.Series, col: str) -> str:
     if col == "accuracy":
         return accuracy_cell(row)
+    if col == "test_accuracy":
+        acc, se = row.get("test_accuracy"), row.get("test_accuracy_se")
+        return "—" if is_missing(acc) else f"{float(acc):.2f}" + ("" if is_missing(se) else f" ± {float(se):.2f}")
+    if col == "mmacs" and not is_missing(row.get(TrialAttr.UNCOUNTED_OPS)) and str(row.get(TrialAttr.UNCOUNTED_OPS)):
+        value = as_number(row.get(col))  # some operator fvcore does not count: a lower bound
+        return "—" if value is None else f"at least {value:.{DECIMALS[col]}f}"
     if col == "number":
         return f"#{fmt_plain(row.get(col))}"
     value = as_number(row.get(col))

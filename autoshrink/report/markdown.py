@@ -26,7 +26,7 @@ from autoshrink.report.formatting import (
 )
 from autoshrink.report.records import budget_limits, compare_with_teacher, front_columns, near_misses
 
-__all__ = ["baseline_text", "left_alone_section", "near_ties_text", "write_report_md"]
+__all__ = ["baseline_text", "finalist_lines", "left_alone_section", "near_ties_text", "write_report_md"]
 
 
 def write_report_md(
@@ -42,6 +42,8 @@ def write_report_md(
     ties: pd.DataFrame | None = None,
     where: str | None = None,
     left_alone: Mapping[str, Any] | None = None,
+    warnings: Sequence[str] = (),
+    noise_note: str | None = None,
 ) -> Path:
     """Write a Markdown report: budget, teacher, chosen model and its gains, the front, the plot.
 
@@ -66,6 +68,9 @@ def write_report_md(
             shown under the budget.
         left_alone: what the chosen trial's compression left alone and why
             (:meth:`autoshrink.SearchResult.left_alone`): listed under it.
+        warnings: degradations of the run (a check that could not run, a finalist not re-timed,
+            a noisy machine, no test split), listed in their own section.
+        noise_note: "within the noise" when the budget lies inside the chosen model's spread.
 
     Returns:
         The path written.
@@ -106,6 +111,9 @@ def write_report_md(
 
     if chosen is not None:
         out += _chosen_section(chosen, teacher, metrics)
+        out += finalist_lines(chosen)
+        if noise_note:
+            out += [f"**{noise_note}**", ""]
         if baseline is not None:
             out += [baseline_text(chosen, *baseline), ""]
         if ties is not None and len(ties):
@@ -124,7 +132,39 @@ def write_report_md(
         right = [not c.startswith(PARAM_PREFIX) for c in columns]
         out.append(_md_table(headers, rows, right))
     out += ["", f"![Pareto front: accuracy vs latency of every trial]({plot_name})", ""]
+    if warnings:
+        out += ["## Warnings", ""] + [f"- {line}" for line in warnings] + [""]
     return write_text_atomic(path, "\n".join(out))
+
+
+def finalist_lines(chosen: pd.Series) -> list[str]:
+    """What the chosen model was measured at after the trials: the test split (never used to
+    choose), the shipped artifact re-timed beside its gate timing, and MACs as a lower bound.
+
+    Example:
+        >>> finalist_lines(pd.Series({"test_accuracy": 94.1, "test_accuracy_se": 0.4}))[0]
+        '- test accuracy (the test split, never used to choose): **94.10 ± 0.40%**'
+    """
+    out = []
+    acc, se = as_number(chosen.get("test_accuracy")), as_number(chosen.get("test_accuracy_se"))
+    if acc is not None:
+        out.append(f"- test accuracy (the test split, never used to choose): **{acc:.2f}"
+                   + (f" ± {se:.2f}" if se is not None else "") + "%**")
+    deployed = as_number(chosen.get("latency_ms_deployed"))
+    if deployed is not None:
+        p25, p75, p90 = (as_number(chosen.get(f"latency_deployed_{q}_ms")) for q in ("p25", "p75", "p90"))
+        spread = "" if p25 is None or p75 is None else f" (p25-p75 {p25:.3f}-{p75:.3f} ms" + (
+            f", p90 {p90:.3f} ms)" if p90 is not None else ")")
+        gate = as_number(chosen.get("latency_ms"))
+        out.append(f"- latency of the shipped artifact, re-timed in a fresh process: **{deployed:.3f} ms**{spread}"
+                   + (f"; its gate timing before the fine-tune: {gate:.3f} ms" if gate is not None else ""))
+    elif as_number(chosen.get("latency_ms")) is not None:
+        out.append("- latency: the gate timing (before the fine-tune); the shipped artifact was not re-timed")
+    uncounted = chosen.get(TrialAttr.UNCOUNTED_OPS)
+    if not is_missing(uncounted) and str(uncounted):
+        out.append(f"- MACs at least {fmt_value('mmacs', chosen.get('mmacs'))}: operators fvcore does not "
+                   f"count ({uncounted})")
+    return out + ([""] if out else [])
 
 
 def baseline_text(chosen: pd.Series, baseline: pd.Series, how: str) -> str:

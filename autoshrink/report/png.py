@@ -154,6 +154,21 @@ def _render_matplotlib(data: ParetoPlotData, path: Path) -> None:
             ax.scatter(fx, fy, s=70, facecolors="none", edgecolors=C_FRONT, linewidths=1.8,
                        zorder=5, label=f"Pareto front over {names} ({len(data.front)})")
 
+    # Re-timed trials: the gate figure (before the fine-tune, another graph) as a hollow marker,
+    # linked to the deployed one the dot stands at.
+    if x == "latency_ms_effective":
+        shown = pd.concat([data.feasible, data.infeasible])
+        if "latency_ms_deployed" in shown.columns:
+            retimed = shown[pd.to_numeric(shown["latency_ms_deployed"], errors="coerce").notna()]
+            gx, gy = _xy(retimed, "latency_ms", y)
+            dx, _ = _xy(retimed, "latency_ms_deployed", y)
+            ok = ~np.isnan(gx) & ~np.isnan(gy) & ~np.isnan(dx)
+            if ok.any():
+                for a, b, c in zip(gx[ok], dx[ok], gy[ok], strict=True):
+                    ax.plot([a, b], [c, c], color="0.45", linewidth=0.8, zorder=2)
+                ax.scatter(gx[ok], gy[ok], s=30, facecolors="none", edgecolors="0.35", linewidths=1.0,
+                           zorder=2, label=f"gate timing of re-timed trials ({int(ok.sum())})")
+
     # Teacher.
     teacher = data.teacher or {}
     if not is_missing(teacher.get(x)) and not is_missing(teacher.get(y)):

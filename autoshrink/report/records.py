@@ -207,6 +207,12 @@ def front_columns(front: pd.DataFrame, objectives: Sequence[str], params: bool =
     columns += [c for c in objectives if c not in columns]
     columns += [c for c in ("accuracy", "latency_ms", "size_mb", "mmacs", "meets_budget")
                 if c in front.columns and c not in columns]
+    # after the trials: the test split, and the shipped artifact re-timed (when there are any)
+    for after, col in (("accuracy", "test_accuracy"), ("latency_ms", "latency_ms_deployed")):
+        redundant = col == "latency_ms_deployed" and "latency_ms_effective" in columns  # the same figures
+        if (col in front.columns and col not in columns and not redundant
+                and pd.to_numeric(front[col], errors="coerce").notna().any()):
+            columns.insert(columns.index(after) + 1 if after in columns else len(columns), col)
     return columns + (param_columns(front) if params else [])
 
 

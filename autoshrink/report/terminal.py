@@ -139,7 +139,7 @@ def plan_table(layers: Sequence[Mapping[str, Any]], *, title: str = "Compression
 
     Args:
         layers: dicts with ``layer``, ``bits``, ``channels_before``, ``channels_after`` and
-            ``latency_share`` (the layer's fraction 0-1 of the compressed model's MACs, a proxy for
+            ``macs_share`` (the layer's fraction 0-1 of the compressed model's MACs, a proxy for
             its share of the latency; None if unknown); ``mmacs`` is shown when present.
         title: the table's title.
 
@@ -151,12 +151,12 @@ def plan_table(layers: Sequence[Mapping[str, Any]], *, title: str = "Compression
 
     Example:
         >>> plan_table([{"layer": "fc", "bits": 8, "channels_before": 64,
-        ...              "channels_after": 48, "latency_share": 0.1}]).row_count
+        ...              "channels_after": 48, "macs_share": 0.1}]).row_count
         1
     """
     from rich.table import Table
 
-    required = ("layer", "bits", "channels_before", "channels_after", "latency_share")
+    required = ("layer", "bits", "channels_before", "channels_after", "macs_share")
     for i, layer in enumerate(layers):
         missing = [k for k in required if k not in layer]
         if missing:
@@ -165,7 +165,7 @@ def plan_table(layers: Sequence[Mapping[str, Any]], *, title: str = "Compression
                 f"got {sorted(layer)}"
             )
     show_macs = any(as_number(layer.get("mmacs")) is not None for layer in layers)
-    shares = [as_number(layer["latency_share"]) for layer in layers]
+    shares = [as_number(layer["macs_share"]) for layer in layers]
     largest = max((v for v in shares if v is not None), default=0.0)
     table = Table(title=title, header_style="bold")
     table.add_column("layer")

@@ -16,6 +16,7 @@ functions over ``FrozenTrial`` lists).
 from __future__ import annotations
 
 import os
+import sys
 
 from autoshrink import _env
 from autoshrink.budget import Budget
@@ -35,6 +36,7 @@ from autoshrink.search.config import (
     validate_counts,
 )
 from autoshrink.search.driver import Driver, run_trials
+from autoshrink.search.finalize import add_warnings, finalize
 from autoshrink.search.gpus import DevicePlan, plan_devices
 from autoshrink.search.preflight import (
     budget_edge,
@@ -77,6 +79,7 @@ __all__ = [
     "default_storage",
     "default_threads",
     "default_workers",
+    "finalize",
     "make_sampler",
     "open_study",
     "plan_devices",
@@ -228,11 +231,20 @@ def search(
 
 def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, sampler_obj, load):
     """Preflight, open the study, enqueue baselines and re-runs, drive, write the run folder."""
+    from autoshrink.measure.load import load_warning, sample_load
+
     if not config.resume:  # a resumed study passed these checks when it began
         check_exportable(task)
-    check_reachable(task, space, budget, config.settings, latency=config.time_here)
+    machine = sample_load()  # before any timing: a busy machine makes every latency read high
+    said = [load_warning(machine)]
+    said += check_reachable(task, space, budget, config.settings, latency=config.time_here)
+    for line in said:
+        if line and config.progress:
+            print(f"warning: {line}")
     study = open_study(config.storage, config.study_name, sampler_obj, config.resume, config.out, space,
                        config.join, budget)
+    study.set_user_attr(StudyAttr.MACHINE_LOAD, machine)
+    add_warnings(study, said)
 
     # a grid is walked point by point: every point counts, met or missed
     screen_limit = 0 if grid_size(sampler_obj) is not None or not config.screening else SCREEN_FACTOR * config.trials
@@ -248,6 +260,18 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
         study.enqueue_trial(params, user_attrs={TrialAttr.RERUN_OF: number})
     try:
         driver.run(config.trials)
+        if not driver.interrupted:  # before close(): a latency target re-times on its own node
+            say = print if config.progress else None
+            try:
+                lines = finalize(task, study, budget, config.out, latency_runs=config.settings.latency_runs,
+                                 latency_threads=config.settings.latency_threads,
+                                 lock_dir=config.settings.lock_dir, max_drop=config.max_drop,
+                                 meter=driver.meter, say=say)
+            except Exception as exc:  # noqa: BLE001 - the trials are done: keep them, and say what is missing
+                lines = add_warnings(study, [f"the finalists were not re-timed or scored on the test split "
+                                             f"({type(exc).__name__}: {exc}); figures are the trials' own"])
+            for line in lines:
+                print(f"warning: {line}", file=sys.stderr)
     finally:
         driver.close()
     study.set_user_attr(StudyAttr.TIMED_OUT, driver.timed_out)
@@ -277,6 +301,12 @@ def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: S
         found = budget_edge(task, space, budget, config.settings)
         study.set_user_attr(StudyAttr.BUDGET_EDGE, found)
         edge = found and found["prune"]
+        if found and found.get("error"):  # shown, not only stored: the baselines fall back to fixed ratios
+            line = (f"budget-edge probe failed ({found['error']}); the search starts from the fixed "
+                    "uniform baselines instead")
+            add_warnings(study, [line])
+            if config.progress:
+                print(f"warning: {line}")
         if edge is not None and config.progress:
             print(f"budget edge: uniform int8 pruned {edge:.1%} meets {budget.describe()} "
                   f"({len(found['probes'])} probes, {found['seconds']:.0f} s); tried first")

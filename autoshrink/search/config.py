@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoshrink.budget import Budget
+from autoshrink.errors import AutoshrinkError, InputError
 
 __all__ = [
     "DEFAULT_LATENCY_TARGET",
@@ -37,7 +38,7 @@ LATENCY_PRECHECK_TOLERANCE = 1.25
 LATENCY_PRECHECK_TRIES = 3
 
 
-class SearchError(RuntimeError):
+class SearchError(AutoshrinkError, RuntimeError):
     """The search cannot start or go on (bad run folder, mismatched resume, ...)."""
 
 
@@ -154,8 +155,8 @@ class SearchConfig:
 def validate_counts(trials, workers, minutes) -> None:
     """The numeric arguments of a search, checked where they are given."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+        raise InputError(f"trials must be a positive integer, got {trials!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise InputError(f"workers must be a positive integer, got {workers!r}")
     if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise ValueError(f"minutes must be a positive number (or None: no limit), got {minutes!r}")
+        raise InputError(f"minutes must be a positive number (or None: no limit), got {minutes!r}")

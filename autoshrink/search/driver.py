@@ -89,6 +89,7 @@ class Driver:
         self._ray_started = False
         self._code_shipped = False
         self._stop = False
+        self.meter = None  # the latency target's LatencyMeter actor, once run() has looked for one
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def record_meta(self, **extra: Any) -> None:
@@ -215,7 +216,7 @@ class Driver:
                            for step, acc in t.user_attrs[TrialAttr.HISTORY]]
                 for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(TrialAttr.HISTORY)
             })
-        meter = self.latency_meter()
+        meter = self.meter = self.latency_meter()
         budget = self.budget.constraints()
         view = ProgressView(total, self.finished(), enabled=cfg.progress)
         inflight: dict[Any, tuple[optuna.trial.Trial, Candidate]] = {}
@@ -260,6 +261,7 @@ class Driver:
                 if not inflight:
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                view.tick()  # without a terminal: a plain line at least every 30 s, even while trials run
                 for ref in ready:
                     trial, cand = inflight.pop(ref)
                     try:
@@ -301,12 +303,20 @@ class Driver:
             if m.get(key):
                 trial.set_user_attr(key, m[key])
         state = State(m.get("state", State.FAIL))
+        if m.get(TrialAttr.PATCH_WARNINGS):  # torchao patches the worker could not install: the run hears it
+            from autoshrink.search.finalize import add_warnings
+
+            add_warnings(self.study, m[TrialAttr.PATCH_WARNINGS])
         limited = (TrialAttr.LATENCY_MS, TrialAttr.SIZE_MB, TrialAttr.MMACS)
         violations = self.budget.violations({k: m.get(k) for k in limited if m.get(k) is not None})
         # relative excess over each limit: <= 0 is feasible (Optuna's convention)
         for key, limit in self.budget.constraints().items():
             value = m.get(key)
             trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
+        acc = m.get(TrialAttr.ACCURACY)
+        if state is State.COMPLETE and not violations and (acc is None or acc != acc):
+            # fine-tuned within the budget but no number: told as 0 it would teach the sampler a lie
+            state, m = State.FAIL, {**m, TrialAttr.ERROR: Reason.NO_ACCURACY}
         if state is State.FAIL:
             trial.set_user_attr(TrialAttr.ERROR, m.get(TrialAttr.ERROR) or Reason.NO_REASON)
             frozen = self.study.tell(trial, state=State.FAIL.optuna)

@@ -140,11 +140,16 @@ def check_exportable(task: Task) -> None:
 
 
 def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
-                    latency: bool) -> None:
+                    latency: bool) -> list[str]:
     """Fail early when even the cheapest configuration of the space misses the budget, naming
     the minimum achievable. Size and MACs are computed exactly (~1 s); latency, when ``latency``
     is set, is measured on the compiled cheapest model, with a tolerance for timing noise, and
     measured again (up to ``LATENCY_PRECHECK_TRIES`` times, the fastest counts) before refusing.
+
+    Returns:
+        Warnings, one line each, when the check could not give a verdict (the cheapest
+        configuration failed to compress or to be timed): the search goes on, and each trial
+        records its own failure, but the user hears that the budget was not checked.
 
     Raises:
         SearchError: naming the cheapest configuration's figures and what to change.
@@ -155,14 +160,15 @@ def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: Tr
 
     limits = budget.constraints()
     if not limits:
-        return
+        return []
     low = cheapest(space)
     x = task.example_input
+    unchecked = "the budget's reachability was not checked: the space's cheapest configuration"
     try:
         comp = compress(task.model, low, x)
         cost = model_cost(comp.pruned, x, comp.bits)
-    except Exception:  # noqa: BLE001 - each trial will record its own failure; no verdict here
-        return
+    except Exception as exc:  # noqa: BLE001 - each trial will record its own failure; said, not hidden
+        return [f"{unchecked} could not be compressed ({type(exc).__name__}: {exc})"]
     found = {TrialAttr.SIZE_MB: cost.size_mb, TrialAttr.MMACS: cost.mmacs}
     units = {TrialAttr.SIZE_MB: "MB", TrialAttr.MMACS: "MMACs", TrialAttr.LATENCY_MS: "ms"}
     missed = {k: v for k, v in found.items() if k in limits and v > limits[k]}
@@ -172,10 +178,10 @@ def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: Tr
         for _ in range(LATENCY_PRECHECK_TRIES):
             try:  # a budget no model meets: evaluate() stops right after timing the lowered model
                 r = evaluate(task, low, Budget(latency_ms=1e-9), ctx)
-            except Exception:  # noqa: BLE001
-                return
+            except Exception as exc:  # noqa: BLE001 - said, not hidden
+                return [f"{unchecked} could not be timed ({type(exc).__name__}: {exc})"]
             if r.latency_ms is None:
-                return
+                return [f"{unchecked} gave no latency ({r.error or 'no reason given'})"]
             fastest = min(fastest, r.latency_ms)
             if fastest <= budget.latency_ms * LATENCY_PRECHECK_TOLERANCE:
                 break
@@ -189,3 +195,4 @@ def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: Tr
             f"({budget.describe()}): even the cheapest one (lowest bits, most pruning) has {got}. "
             f"The minimum achievable is about {least}: raise the budget or widen the space"
         )
+    return []

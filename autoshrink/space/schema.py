@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autoshrink._yaml import excerpt
 from autoshrink.candidate import ALLOWED_BITS
+from autoshrink.errors import AutoshrinkError
 
 __all__ = ["Defaults", "Distill", "Finetune", "LayerRule", "Range", "SpaceError", "SpaceModel", "format_errors"]
 
 
-class SpaceError(ValueError):
+class SpaceError(AutoshrinkError, ValueError):
     """A search space that cannot be used; the message names the file, key path and value."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from autoshrink.errors import InputError
 from autoshrink.task import Task
 
 __all__ = ["blueprint", "get", "list_tasks"]
@@ -88,7 +89,7 @@ def _builder(name: str) -> Callable[..., Task]:
         return lambda **kw: digits_task(model, **kw)
     close = difflib.get_close_matches(name, [*list_tasks(), "cifar10"], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown task {name!r}; built-in tasks: {list_tasks()}.{hint}")
+    raise InputError(f"unknown task {name!r}; built-in tasks: {list_tasks()}.{hint}")
 
 
 def _cifar10(data: str | None = None, **kwargs) -> Task:

@@ -157,9 +157,9 @@ def test_front_table() -> None:
 def test_plan_table() -> None:
     layers = [
         {"layer": "conv1", "bits": 8, "channels_before": 64, "channels_after": 48,
-         "latency_share": 0.4},
+         "macs_share": 0.4},
         {"layer": "fc", "bits": 32, "channels_before": 10, "channels_after": 10,
-         "latency_share": None},
+         "macs_share": None},
     ]
     assert plan_table(layers).row_count == 2
     with pytest.raises(ValueError, match=r"layers\[0\] has no 'bits'"):
@@ -245,3 +245,56 @@ def test_write_report_md_points_at_a_near_tie(tmp_path: Path) -> None:
                            front=pareto_front(df, OBJ), constraints={"latency_ms": 5.0}, ties=ties).read_text()
     assert "Within one standard error (±0.31 points) of its accuracy and cheaper to run: trial #1 (95.40%, " in text
     assert f"`autoshrink export {tmp_path} --trial 1 -o OUT`" in text
+
+
+def test_the_report_shows_test_accuracy_both_latencies_warnings_and_macs_at_least(tmp_path: Path) -> None:
+    from autoshrink.finalists import effective_front, merge_deployed, merge_test_scores, with_effective_latency
+
+    df = _trials()
+    chosen_n = int(select_best(df, BUDGET)["number"])
+    df["uncounted_ops"] = ""
+    df.loc[df["number"] == chosen_n, "uncounted_ops"] = "aten::scaled_dot_product_attention x2"
+    df = merge_deployed(df, {chosen_n: {"latency_ms_deployed": 4.2, "latency_deployed_p25_ms": 4.1,
+                                        "latency_deployed_p75_ms": 4.3, "latency_deployed_p90_ms": 4.5}})
+    scores = {chosen_n: {"test_accuracy": 93.25, "test_accuracy_se": 0.4}}
+    df = with_effective_latency(merge_test_scores(df, scores), BUDGET)
+    chosen = df[df["number"] == chosen_n].iloc[0]
+    out = write_report_md(tmp_path / "report.md", teacher=TEACHER, chosen=chosen, front=effective_front(df, BUDGET),
+                          constraints=BUDGET, warnings=["noisy machine: load average 3.00 on 2 cores"],
+                          noise_note="within the noise: the budget 5 ms lies inside ...")
+    text = out.read_text(encoding="utf-8")
+    assert "test accuracy (the test split, never used to choose): **93.25 ± 0.40%**" in text
+    assert "re-timed in a fresh process: **4.200 ms** (p25-p75 4.100-4.300 ms, p90 4.500 ms)" in text
+    assert f"its gate timing before the fine-tune: {float(chosen['latency_ms']):.3f} ms" in text
+    assert "- MACs at least" in text and "aten::scaled_dot_product_attention x2" in text
+    assert "## Warnings\n\n- noisy machine: load average 3.00 on 2 cores" in text
+    assert "**within the noise: the budget 5 ms" in text
+    front = text.split("## Pareto front")[1]
+    assert "test accuracy %" in front and "93.25 ± 0.40" in front and "deployed ms" in front and "4.200" in front
+    assert "at least" in front  # the MMACs cell of the chosen trial
+
+
+def test_the_plot_marks_the_gate_timing_of_re_timed_trials(tmp_path: Path) -> None:
+    from autoshrink.finalists import EFFECTIVE, OBJECTIVES_EFFECTIVE, effective_constraints, with_effective_latency
+
+    df = _trials()
+    n = int(select_best(df, BUDGET)["number"])
+    df["latency_ms_deployed"] = np.nan
+    df.loc[df["number"] == n, "latency_ms_deployed"] = 4.4
+    df = with_effective_latency(df, BUDGET)
+    captured = {}
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.scatter
+
+    def spy(self, *args, **kwargs):
+        captured.setdefault(kwargs.get("label"), args)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.axes.Axes, "scatter", spy)
+        plot_pareto(df, tmp_path / "p.png", x=EFFECTIVE, constraints=effective_constraints(BUDGET),
+                    objectives=OBJECTIVES_EFFECTIVE)
+    gate = captured["gate timing of re-timed trials (1)"]
+    assert list(gate[0]) == [pytest.approx(float(df.loc[df["number"] == n, "latency_ms"].iloc[0]))]
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

@@ -122,7 +122,7 @@ def test_the_plan_lists_every_layer_the_head_included(run):
     plan = {layer["layer"]: layer for layer in result.layer_plan(n)}
     assert "conv1" in plan and "fc" in plan  # the head is never pruned, but it is quantized
     assert plan["fc"]["channels_before"] == plan["fc"]["channels_after"] == 10
-    assert abs(sum(layer["latency_share"] for layer in plan.values()) - 1) < 0.05
+    assert abs(sum(layer["macs_share"] for layer in plan.values()) - 1) < 0.05
 
 
 def test_a_time_limit_finishes_the_trial_in_flight_and_starts_no_more(tiny_task, tiny_space, tmp_path):
