@@ -709,7 +709,7 @@ def compile_checked(lowered: nn.Module, example_input: torch.Tensor):
     compiled = compile_cpu(lowered)
     try:
         with torch.no_grad():
-            compiled(example_input)
+            _batches.call(compiled, example_input)
     except Exception as exc:  # noqa: BLE001 - the compiler's error, translated with the layers
         text = f"{type(exc).__name__}: {exc}"
         first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)

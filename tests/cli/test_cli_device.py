@@ -12,8 +12,9 @@ import autoshrink.tasks as tasks
 from autoshrink.cli import main
 
 
-class _Reached(Exception):
-    """The command got as far as the Python API."""
+class _Reached(BaseException):
+    """The command got as far as the Python API (a BaseException: the CLI reports any Exception
+    that is not an autoshrink error as an internal one, exit 1, instead of letting it through)."""
 
 
 @pytest.fixture

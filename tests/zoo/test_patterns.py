@@ -230,8 +230,14 @@ def shared_ray():
                 ray.shutdown()
 
 
+# the sweeps that run always: q/k/v heads, fixed-width forwards, padding="same", grouped multiplier,
+# Linear->GELU; the others repeat the same check (their plan/prune tests above run always)
+ALWAYS_SWEPT = {"qkv_vit", "same_pad", "multiplier", "gelu_mlp"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", [n if n in ALWAYS_SWEPT else pytest.param(n, marks=pytest.mark.heavy)
+                                  for n in sorted(ZOO)])
 def test_zoo_sweep(name, digits_subset, shared_ray, tmp_path):
     """uniform int8; fp32 pruned 0.5; int8 pruned 0.25: every row COMPLETE, pruned rows >= 20 %
     fewer params, int8 rows with at least half of their Conv/Linear layers at int8, and what was
