@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from autoshrink import _batches
+from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
 
 __all__ = [
@@ -516,24 +517,14 @@ def fold_bn_(model: nn.Module, layers: set[str], example_input: torch.Tensor) ->
     modules = dict(model.named_modules())
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # keeps outputs alive: ids stay unique
     pairs: list[tuple[str, str]] = []
-    hooks = []
+    forward, pre = {}, {}
     for name, m in modules.items():
         if name in layers and isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(
-                lambda _m, _i, out, name=name: produced.__setitem__(id(out), (name, out))))
+            forward[m] = lambda _m, _i, out, name=name: produced.__setitem__(id(out), (name, out))
         elif isinstance(m, nn.BatchNorm2d):
-            hooks.append(m.register_forward_pre_hook(
-                lambda _m, inp, name=name: pairs.append((produced[id(inp[0])][0], name))
-                if id(inp[0]) in produced else None))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _batches.call(model, example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+            pre[m] = (lambda _m, inp, name=name: pairs.append((produced[id(inp[0])][0], name))
+                      if id(inp[0]) in produced else None)
+    run_with_hooks(model, example_input, forward=forward, pre=pre)
     folded = []
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from autoshrink import _batches
+from autoshrink._forward import run_with_hooks
 from autoshrink.compress.quantize import QUANTIZABLE
 from autoshrink.space import SearchSpace
 
@@ -124,16 +124,7 @@ def _forward_order(model: nn.Module, example_input: Any) -> tuple[list[str], set
             if args and isinstance(args[0], torch.Tensor) and id(args[0]) in given:
                 raw.add(name)
 
-    hooks = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, _PRUNABLE)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _batches.call(model, example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_with_hooks(model, example_input, pre={m: pre for m in model.modules() if isinstance(m, _PRUNABLE)})
     return order, raw
 
 
