@@ -104,6 +104,26 @@ def tiny_space():
     )
 
 
+@pytest.fixture(scope="session")
+def finished_search(tiny_task, tiny_space, tmp_path_factory):
+    """One real finished search, shared by every test that only reads a run folder: the tiny
+    task with a test split, 3 trials under 50 ms and 0.0125 MB (the size limit makes the gate
+    reject some candidates), seed 0. Returns ``(result, out, task)``; do not write into ``out``."""
+    from torch.utils.data import TensorDataset
+
+    import autoshrink as ash
+    from autoshrink.tasks.digits import digits_data
+
+    xs, ys = digits_data().test.tensors
+    task = ash.Task(model=tiny_task.model, train_data=tiny_task.train_data, val_data=tiny_task.val_data,
+                    test_data=TensorDataset(xs[:400], ys[:400]), example_input=tiny_task.example_input,
+                    name="tiny")
+    out = tmp_path_factory.mktemp("finished-search")
+    result = ash.search(task, tiny_space, ash.Budget(latency_ms=50.0, size_mb=0.0125), trials=3, workers=1,
+                        out=out, seed=0, progress=False, latency_runs=20)
+    return result, out, task
+
+
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.cuda`` tests run where torch sees a GPU and are skipped elsewhere;
     ``@pytest.mark.heavy`` ones (the same end-to-end check repeated over many models) run only

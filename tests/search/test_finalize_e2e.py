@@ -6,33 +6,23 @@ from __future__ import annotations
 import json
 
 import pytest
-from torch.utils.data import TensorDataset
-
-import autoshrink as ash
 
 
 @pytest.mark.slow
-def test_the_shipped_model_re_timed_in_a_fresh_process_lands_inside_the_reported_spread(
-        tiny_task, tiny_space, tmp_path):
+def test_the_shipped_model_re_timed_in_a_fresh_process_lands_inside_the_reported_spread(finished_search):
     from autoshrink.measure.remeasure import remeasure
-    from autoshrink.tasks.digits import digits_data
 
-    xs, ys = digits_data().test.tensors
-    task = ash.Task(model=tiny_task.model, train_data=tiny_task.train_data, val_data=tiny_task.val_data,
-                    test_data=TensorDataset(xs[:400], ys[:400]), example_input=tiny_task.example_input,
-                    name="tiny")
-    ash.search(task, tiny_space, ash.Budget(latency_ms=50.0), trials=2, workers=1, out=tmp_path,
-               progress=False, latency_runs=20)
-    saved = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    _, out, task = finished_search  # the suite's shared finished search, with a test split
+    saved = json.loads((out / "best" / "metrics.json").read_text())
     m = saved["trial"]
     assert m["latency_source"] == "deployed"  # the chosen model's figure is the shipped artifact's
     assert m["test_accuracy"] is not None and 0 < m["test_accuracy"] <= 100 and m["test_accuracy_se"] > 0
     low = min(m["latency_deployed_p25_ms"], m["latency_deployed_ci_low_ms"])
     high = max(m["latency_deployed_p90_ms"], m["latency_deployed_ci_high_ms"])
-    again = remeasure([tmp_path / "best" / "model.pt2"], task.example_input, rounds=5, runs=10)
-    median = again.spreads[str(tmp_path / "best" / "model.pt2")].median_ms
+    again = remeasure([out / "best" / "model.pt2"], task.example_input, rounds=5, runs=10)
+    median = again.spreads[str(out / "best" / "model.pt2")].median_ms
     # a shared machine drifts between processes: the reported spread, with a margin for that
     assert 0.75 * low <= median <= 1.33 * high, (median, low, high)
-    report = (tmp_path / "report.md").read_text()
+    report = (out / "report.md").read_text()
     assert "test accuracy (the test split, never used to choose)" in report
     assert "re-timed in a fresh process" in report

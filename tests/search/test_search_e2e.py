@@ -15,11 +15,9 @@ from autoshrink.record import State, StudyAttr
 
 
 @pytest.fixture(scope="module")
-def run(tiny_task, tiny_space, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    budget = ash.Budget(latency_ms=50.0, size_mb=0.0125)
-    result = ash.search(tiny_task, tiny_space, budget, trials=3, workers=1, out=out, seed=0,
-                        progress=False, latency_runs=20)
+def run(finished_search):
+    """The suite's one shared finished search (tests/conftest.py): 50 ms and 0.0125 MB, 3 trials."""
+    result, out, _ = finished_search
     return result, out
 
 
