@@ -222,7 +222,7 @@ def _cmd_search(args) -> int:
         from autoshrink.search.warm import check_warm_start
 
         check_warm_start(args.warm_start, space=space, runtime=args.runtime, resume=args.resume,
-                         study_name=args.study_name)
+                         study_name=args.study_name, latency_threads=args.latency_threads)
     if x is not None and not args.resume:  # a built-in task: a budget nothing meets, before its teacher trains
         _check_reachable_early(model, x, space, budget, args)
     task = subject if x is None else _build_task(args)

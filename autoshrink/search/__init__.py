@@ -220,7 +220,8 @@ def search(
 
     teacher = teacher_fingerprint(task.model)
     warm = None if warm_start is None else check_warm_start(
-        warm_start, space=space, runtime=runtime, resume=resume, study_name=study_name, teacher=teacher)
+        warm_start, space=space, runtime=runtime, resume=resume, study_name=study_name, teacher=teacher,
+        latency_threads=latency_threads)
     workers = devices.workers
     sampler_obj = make_sampler(sampler, seed, space)
     size = grid_size(sampler_obj)

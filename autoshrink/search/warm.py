@@ -25,11 +25,12 @@ they are never ``best``, on the front, re-timed or exported; their models live i
 ``StudyAttr.WARM_START`` records what was copied.
 
 Refused, with one line naming the source and the fix (:class:`SearchError`), before any training:
-a source with no study or no finished trial, another search space, another deployment runtime
-(its latencies would not transfer), together with ``resume`` (pick one), and, once the task is
+a source with no study or no finished trial, another search space, another deployment runtime or
+number of latency threads (its latencies would not transfer), together with ``resume`` (pick one), and, once the task is
 built, another teacher (:func:`teacher_fingerprint`). A source study without a teacher fingerprint
 (made before warm-start existed) is refused too: only its space could be checked, and a sampler
-misled by another teacher's trials fails silently.
+misled by another teacher's trials fails silently. The machine is not checked: latencies timed on
+another machine mislead the sampler (never the results: every new candidate is measured here).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def check_warm_start(
     resume: bool = False,
     study_name: str = "autoshrink",
     teacher: str | None = None,
+    latency_threads: int | None = None,
 ) -> WarmSource:
     """Check that an earlier study can seed a new one; nothing is changed.
 
@@ -136,6 +138,8 @@ def check_warm_start(
         study_name: the study to read (default: the storage's only study, if it has one).
         teacher: the new teacher's :func:`teacher_fingerprint`; None: not checked yet (the CLI
             checks the rest before a built-in teacher trains).
+        latency_threads: the new search's latency threads (None: not checked): the source's
+            trials must have been timed with as many.
 
     Returns:
         The source.
@@ -161,8 +165,15 @@ def check_warm_start(
     if before != runtime:
         raise SearchError(f"{where} was timed in {before}, not {runtime}: its latencies do not transfer; "
                           f"use --runtime {before}, or start without --warm-start")
-    if not any(State.of(t) is State.COMPLETE for t in study.get_trials(deepcopy=False)):
+    done = study.get_trials(deepcopy=False, states=(State.COMPLETE.optuna,))
+    if not done:
         raise SearchError(f"{where} has no finished trial to start from; start without --warm-start")
+    timed = sorted({t.user_attrs[TrialAttr.LATENCY_THREADS] for t in done
+                    if t.user_attrs.get(TrialAttr.LATENCY_THREADS)})
+    if latency_threads is not None and timed and timed != [latency_threads]:
+        raise SearchError(f"{where} timed latency with {', '.join(map(str, timed))} thread(s), now {latency_threads}: "
+                          f"its latencies do not transfer; use --latency-threads {timed[0]}, or start without "
+                          "--warm-start")
     if teacher is not None:
         had = attrs.get(StudyAttr.TEACHER_FINGERPRINT)
         if had is None:

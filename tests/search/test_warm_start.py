@@ -33,12 +33,12 @@ def _trial(attrs: dict, state: str = "COMPLETE"):
 
 def _tuned(acc: float, lat: float, size: float = 0.1) -> dict:
     return {TrialAttr.ACCURACY: acc, TrialAttr.LATENCY_MS: lat, TrialAttr.SIZE_MB: size, TrialAttr.MMACS: 1.0,
-            TrialAttr.MEETS_BUDGET: True, TrialAttr.FINETUNE_S: 3.0}
+            TrialAttr.MEETS_BUDGET: True, TrialAttr.FINETUNE_S: 3.0, TrialAttr.LATENCY_THREADS: 1}
 
 
 def _rejected(lat: float | None, size: float = 0.1) -> dict:
     a = {TrialAttr.SIZE_MB: size, TrialAttr.MMACS: 1.0, TrialAttr.MEETS_BUDGET: False}
-    return a if lat is None else {**a, TrialAttr.LATENCY_MS: lat}
+    return a if lat is None else {**a, TrialAttr.LATENCY_MS: lat, TrialAttr.LATENCY_THREADS: 1}
 
 
 # -- what the sampler is told under the new budget ---------------------------------------------------
@@ -186,6 +186,9 @@ def test_refusals_name_the_source_and_the_fix(tmp_path, tiny_space):
          r"a run of the same model and weights"),
         (dict(warm_start=folder, space=tiny_space, runtime="openvino"),
          r"was timed in inductor, not openvino: its latencies do not transfer; use --runtime inductor"),
+        (dict(warm_start=folder, space=tiny_space, latency_threads=4),
+         r"the study in '.*run5' timed latency with 1 thread\(s\), now 4: its latencies do not transfer; use "
+         r"--latency-threads 1"),
         (dict(warm_start=folder, space=tiny_space, resume=True), r"--warm-start and --resume: pick one"),
         (dict(warm_start=_source(tmp_path / "old", tiny_space, teacher=None)[0], space=tiny_space, teacher="t" * 16),
          r"the study in '.*old' predates warm-start \(it records no teacher fingerprint\)"),
@@ -196,7 +199,7 @@ def test_refusals_name_the_source_and_the_fix(tmp_path, tiny_space):
         with pytest.raises(SearchError) as info:
             check_warm_start(**kwargs)
         assert re.search(pattern, str(info.value)) and "\n" not in str(info.value), (kwargs, str(info.value))
-    assert check_warm_start(folder, space=tiny_space, teacher="t" * 16).study_name == "autoshrink"
+    assert check_warm_start(folder, space=tiny_space, teacher="t" * 16, latency_threads=1).study_name == "autoshrink"
 
 
 def _task(seed: int):
