@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                         "on 2 cores; 0: no limit)")
     s.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the search in --out")
+    s.add_argument("--warm-start", default=None, metavar="DIR", help="start from an earlier run's measured "
+                   "trials (same teacher, space, runtime; the budget may differ); they inform the sampler only")
     s.add_argument("--ray-address", default=None, help="join an existing Ray cluster (ray start --head)")
     s.add_argument("--latency-target", default=None, metavar="RESOURCE",
                    help="custom Ray resource of the node to time latency on (default: "
@@ -216,6 +218,11 @@ def _cmd_search(args) -> int:
 
         check_run_folder(args.out, resume=args.resume, storage=args.storage,
                          study_name=args.study_name, space=space, budget=budget)
+    if args.warm_start:  # before a built-in teacher trains; the teacher is checked once built
+        from autoshrink.search.warm import check_warm_start
+
+        check_warm_start(args.warm_start, space=space, runtime=args.runtime, resume=args.resume,
+                         study_name=args.study_name, latency_threads=args.latency_threads)
     if x is not None and not args.resume:  # a built-in task: a budget nothing meets, before its teacher trains
         _check_reachable_early(model, x, space, budget, args)
     task = subject if x is None else _build_task(args)
@@ -226,7 +233,7 @@ def _cmd_search(args) -> int:
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
         minutes=args.minutes if args.minutes and args.minutes > 0 else None, runtime=args.runtime,
-        device=args.device, gpus_per_trial=args.gpus_per_trial,
+        device=args.device, gpus_per_trial=args.gpus_per_trial, warm_start=args.warm_start,
     )
     _print_summary(result, front_table, plan_table)
     return 0

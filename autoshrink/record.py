@@ -143,10 +143,13 @@ class StudyAttr:
     TEST_SCORES = "test_scores"  # {number: {test_accuracy, test_accuracy_se}}: the test split, scored once
     WARNINGS = "warnings"  # [line, ...]: degradations a user must hear (summary, report)
     MACHINE_LOAD = "machine_load"  # autoshrink.measure.load.sample_load() at the search's start
+    TEACHER_FINGERPRINT = "teacher_fingerprint"  # hash of the teacher's state_dict: a warm start needs the same
+    WARM_START = "warm_start"  # {from, copied, infeasible, left_out}: the earlier study's trials told to the sampler
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
            SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
-           GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD)
+           GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD, TEACHER_FINGERPRINT,
+           WARM_START)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -196,12 +199,13 @@ class TrialAttr:
     UNPRUNED_GROUPS = "unpruned_groups"  # [{"layers": [...], "reason": "left unpruned: ..."}, ...]
     UNCOUNTED_OPS = "uncounted_ops"  # operator -> calls fvcore did not count: mmacs is "at least"
     PATCH_WARNINGS = "patch_warnings"  # torchao patches the worker could not install (autoshrink.compress.quantize)
+    WARM_FROM = "warm_from"  # {run, trial}: copied from an earlier study (sampler only; not counted, not a result)
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
            SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
            FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS, FP32_LAYERS,
-           UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS)
+           UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS, WARM_FROM)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms

@@ -52,10 +52,16 @@ def measure_teacher(task, latency_threads: int = 1, latency_runs: int = 60, *, r
 
 
 def trials_frame(study) -> pd.DataFrame:
-    """One row per trial with the DESIGN.md columns, extra timings, and ``param_*`` columns."""
+    """One row per trial with the DESIGN.md columns, extra timings, and ``param_*`` columns.
+
+    Trials a warm start copied from an earlier study (``TrialAttr.WARM_FROM``) are left out: they
+    informed the sampler only, and their models live in the earlier run (``StudyAttr.WARM_START``
+    says how many there were)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
+        if TrialAttr.WARM_FROM in a:
+            continue
         row: dict[str, Any] = {"number": t.number, "state": State.of(t).value}
         for key in COLUMNS[2:] + EXTRA + TEXT_EXTRA + RUNTIME_COLUMNS:
             row[key] = a.get(key)

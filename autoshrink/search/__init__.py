@@ -122,6 +122,7 @@ def search(
     device: str = "cpu",
     gpus_per_trial: float | None = None,
     runtime: str = "inductor",
+    warm_start: str | os.PathLike | None = None,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -168,6 +169,10 @@ def search(
         runtime: the deployment runtime (``"inductor"``, ``"onnxruntime"``, ``"openvino"``): every
             latency (gate, teacher in fp32) is timed in it, the fine-tuned model is evaluated in it,
             and ``best/`` holds its artifact (``model.onnx``, ``model.xml``/``.bin``).
+        warm_start: an earlier run folder (or storage URL) of the same teacher, space and runtime:
+            its measured trials are told to the new study's sampler first, judged against this
+            ``budget`` (which may differ). They do not count towards ``trials`` and are not results
+            of this run (see :mod:`autoshrink.search.warm`). Not with ``resume``.
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -175,8 +180,9 @@ def search(
     Raises:
         DeviceError: ``device="cuda"`` without a GPU (here, or in the cluster at ``ray_address``),
             or a ``gpus_per_trial`` that does not apply or cannot be granted.
-        SearchError: unusable run folder, resume mismatch, unknown sampler, or a budget that
-            even the space's cheapest configuration misses (the message names the minimum).
+        SearchError: unusable run folder, resume mismatch, unknown sampler, a budget that even
+            the space's cheapest configuration misses (the message names the minimum), or a
+            ``warm_start`` source of another teacher, space or runtime (or with ``resume``).
         TaskError: a model that ``torch.export`` cannot capture.
         KeyboardInterrupt: after Ctrl-C or SIGTERM, once the trials so far are recorded and the
             run folder's files written (``resume=True`` continues).
@@ -210,6 +216,12 @@ def search(
     space = check_space(task.model, task.example_input, space)
     out_dir = check_run_folder(out, resume=resume, storage=storage, study_name=study_name,
                                space=space, budget=budget)
+    from autoshrink.search.warm import check_warm_start, teacher_fingerprint
+
+    teacher = teacher_fingerprint(task.model)
+    warm = None if warm_start is None else check_warm_start(
+        warm_start, space=space, runtime=runtime, resume=resume, study_name=study_name, teacher=teacher,
+        latency_threads=latency_threads)
     workers = devices.workers
     sampler_obj = make_sampler(sampler, seed, space)
     size = grid_size(sampler_obj)
@@ -226,11 +238,12 @@ def search(
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
     )
-    return _run(task, space, budget, config, sampler_obj, load)
+    return _run(task, space, budget, config, sampler_obj, load, warm=warm, teacher=teacher)
 
 
-def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, sampler_obj, load):
-    """Preflight, open the study, enqueue baselines and re-runs, drive, write the run folder."""
+def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, sampler_obj, load, *,
+         warm=None, teacher: str | None = None):
+    """Preflight, open the study, enqueue baselines and re-runs, (warm start), drive, write the run folder."""
     from autoshrink.measure.load import load_warning, sample_load
 
     if not config.resume:  # a resumed study passed these checks when it began
@@ -244,6 +257,8 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
     study = open_study(config.storage, config.study_name, sampler_obj, config.resume, config.out, space,
                        config.join, budget)
     study.set_user_attr(StudyAttr.MACHINE_LOAD, machine)
+    if teacher is not None and not config.resume and StudyAttr.TEACHER_FINGERPRINT not in study.user_attrs:
+        study.set_user_attr(StudyAttr.TEACHER_FINGERPRINT, teacher)  # what a later warm start checks
     add_warnings(study, said)
 
     # a grid is walked point by point: every point counts, met or missed
@@ -258,6 +273,12 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
         _enqueue_baselines(task, space, budget, config, study)
     for number, params in requeue:
         study.enqueue_trial(params, user_attrs={TrialAttr.RERUN_OF: number})
+    if warm is not None:  # after the baselines: they keep the first numbers (the hand baseline is trial 0)
+        from autoshrink.search.warm import copy_trials, describe
+
+        summary = copy_trials(warm, study, budget)
+        if config.progress:
+            print(describe(summary, budget))
     try:
         driver.run(config.trials)
         if not driver.interrupted:  # before close(): a latency target re-times on its own node

@@ -3,8 +3,9 @@ over lists of Optuna ``FrozenTrial`` (``study.get_trials(deepcopy=False)``), in 
 
 A trial counts when it is finished or running anywhere (several drivers may share a study),
 except those the driver itself marked as not counting (interrupted: re-run on resume; surplus:
-never run) and the first ``screen_limit`` candidates the budget gate rejected (measured in
-seconds, never fine-tuned).
+never run), those copied from an earlier study (``TrialAttr.WARM_FROM``: a warm start's, for the
+sampler only, see :mod:`autoshrink.search.warm`) and the first ``screen_limit`` candidates the
+budget gate rejected (measured in seconds, never fine-tuned).
 
 Example:
     >>> import optuna
@@ -26,7 +27,12 @@ from typing import Any
 
 from autoshrink.record import COUNTED_STATES, FIXED_PARAMS, NOT_COUNTED, Reason, State, TrialAttr
 
-__all__ = ["committed", "count", "finished", "is_surplus", "reruns", "screened"]
+__all__ = ["committed", "count", "finished", "is_surplus", "is_warm", "reruns", "screened"]
+
+
+def is_warm(trial: Any) -> bool:
+    """A trial copied from an earlier study by a warm start: it informs the sampler only."""
+    return TrialAttr.WARM_FROM in trial.user_attrs
 
 
 def screened(trial: Any) -> bool:
@@ -39,12 +45,12 @@ def screened(trial: Any) -> bool:
 def count(trials: Sequence[Any], *, screen_limit: int = 0, running: bool = True,
           before: int | None = None) -> int:
     """Trials that count towards the total (below trial number ``before`` if given): finished
-    ones and, with ``running``, running ones; not the interrupted or surplus ones, nor the first
+    ones and, with ``running``, running ones; not the interrupted, surplus or warm ones, nor the first
     ``screen_limit`` candidates the budget gate rejected."""
     states = COUNTED_STATES if running else tuple(s for s in COUNTED_STATES if s is not State.RUNNING)
     counted = [
         t for t in trials
-        if State.of(t) in states and t.user_attrs.get(TrialAttr.ERROR) not in NOT_COUNTED
+        if State.of(t) in states and t.user_attrs.get(TrialAttr.ERROR) not in NOT_COUNTED and not is_warm(t)
         and (before is None or t.number < before)
     ]
     return len(counted) - min(sum(1 for t in counted if screened(t)), screen_limit)

@@ -214,7 +214,8 @@ class Driver:
                 t.number: [(step, acc, t.user_attrs.get(TrialAttr.LATENCY_MS),
                             t.user_attrs.get(TrialAttr.CANDIDATE, {}).get("finetune_steps"))
                            for step, acc in t.user_attrs[TrialAttr.HISTORY]]
-                for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(TrialAttr.HISTORY)
+                for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get(TrialAttr.HISTORY) and not accounting.is_warm(t)  # a warm one is no result
             })
         meter = self.meter = self.latency_meter()
         budget = self.budget.constraints()
