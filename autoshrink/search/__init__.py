@@ -122,6 +122,7 @@ def search(
     device: str = "cpu",
     gpus_per_trial: float | None = None,
     runtime: str = "inductor",
+    predictor_screening: bool | None = None,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -168,6 +169,12 @@ def search(
         runtime: the deployment runtime (``"inductor"``, ``"onnxruntime"``, ``"openvino"``): every
             latency (gate, teacher in fp32) is timed in it, the fine-tuned model is evaluated in it,
             and ``best/`` holds its artifact (``model.onnx``, ``model.xml``/``.bin``).
+        predictor_screening: a sampled candidate that the calibrated latency predictor puts over
+            the latency budget by more than three held-out median errors is recorded as over budget
+            without being compiled (:mod:`autoshrink.search.screening`). None (default): only where
+            the predictor meets its goal on this machine (held-out τ ≥ 0.9, median error ≤ 10 %);
+            True: wherever it is calibrated; False: never. The study records whether it was on and
+            why (``StudyAttr.PREDICTOR_SCREENING``) and the compilations it saved.
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -225,6 +232,7 @@ def search(
                                runtime=runtime),
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
+        predictor_screening=predictor_screening,
     )
     return _run(task, space, budget, config, sampler_obj, load)
 
