@@ -239,3 +239,37 @@ def test_driver_records_measured_candidates_and_why_screening_is_off(tmp_path, m
     recorded = LatencyPredictor.for_machine().examples.load()
     assert recorded == [(s, 2.0)]
     assert TrialAttr.LATENCY_STRUCTURE not in driver.study.trials[0].user_attrs  # a calibration example, not a record
+
+
+@pytest.mark.slow
+def test_a_search_screens_what_the_predictor_puts_far_over_budget(tiny_task, tiny_space, tmp_path, monkeypatch):
+    """A real search (Ray, compiles, fine-tunes) with a calibration that meets the goal and a prediction
+    rigged to put every candidate with an fp32 layer at 1 s: those are told as screened, never sent to a
+    worker (no measured latency, no measuring time), and the study counts the compilations saved."""
+    import autoshrink as ash
+
+    monkeypatch.setenv("AUTOSHRINK_CACHE", str(tmp_path / "cache"))  # no examples of earlier tests
+    pred = LatencyPredictor.for_machine()
+    pred.calibration_path.parent.mkdir(parents=True, exist_ok=True)
+    pred.calibration_path.write_text(json.dumps(_cal().to_dict()))
+
+    def rigged(self, s, *, measure_missing=True, calibrated=True):
+        return 1e3 if any(k.endswith(":q0") for k in s.layers) else 1.0
+
+    monkeypatch.setattr(LatencyPredictor, "predict_structure", rigged)
+    out = tmp_path / "run"
+    ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=2, workers=1, out=out, seed=1,
+               sampler="random", progress=False, latency_runs=10, early_stopping=False)
+    study = ash.load(out)._study
+    said = study.user_attrs[StudyAttr.PREDICTOR_SCREENING]
+    assert said["on"] is True and "meets its goal" in said["why"]
+    trials = study.get_trials(deepcopy=False)
+    screened = [t for t in trials if t.user_attrs.get(TrialAttr.ERROR) == Reason.PREDICTED_OVER_BUDGET]
+    assert screened and study.user_attrs[StudyAttr.COMPILATIONS_SAVED] == len(screened)
+    for t in screened:
+        assert t.user_attrs[TrialAttr.PREDICTED_LATENCY_MS] == 1e3
+        assert TrialAttr.LATENCY_MS not in t.user_attrs and TrialAttr.MEASURE_S not in t.user_attrs
+    tuned = [t for t in trials if t.user_attrs.get(TrialAttr.FINETUNE_S)]
+    assert len(tuned) == 2 and all(t.user_attrs.get(TrialAttr.LATENCY_MS) for t in tuned)  # measured for real
+    # and every measured candidate became a calibration example of this machine
+    assert len(pred.examples.load()) == sum(1 for t in trials if t.user_attrs.get(TrialAttr.LATENCY_MS))
