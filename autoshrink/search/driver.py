@@ -392,7 +392,6 @@ class Driver:
         write_study_record(self.out, study_name=self.study.study_name, directions=self.study.directions,
                            user_attrs=self.study.user_attrs)
 
-
     @staticmethod
     def _record_example(structure: dict, latency_ms: float) -> None:
         """A measured candidate: one more calibration example of its machine's latency table."""
