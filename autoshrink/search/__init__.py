@@ -205,6 +205,10 @@ def search(
 
     budget = budget or Budget()
     validate_counts(trials, workers, minutes)
+    if predictor_screening is not None and not isinstance(predictor_screening, bool):
+        from autoshrink.errors import InputError
+
+        raise InputError(f"predictor_screening must be True, False or None (auto), got {predictor_screening!r}")
     if ray_address:  # in seconds, before anything is compressed
         check_ray_address(ray_address)
     # before anything is built or timed: --device cuda without a GPU fails in seconds

@@ -273,3 +273,11 @@ def test_a_search_screens_what_the_predictor_puts_far_over_budget(tiny_task, tin
     assert len(tuned) == 2 and all(t.user_attrs.get(TrialAttr.LATENCY_MS) for t in tuned)  # measured for real
     # and every measured candidate became a calibration example of this machine
     assert len(pred.examples.load()) == sum(1 for t in trials if t.user_attrs.get(TrialAttr.LATENCY_MS))
+
+
+def test_search_refuses_a_non_boolean_predictor_screening():
+    import autoshrink as ash
+    from autoshrink.errors import InputError
+
+    with pytest.raises(InputError, match="predictor_screening must be True, False or None"):
+        ash.search(None, None, predictor_screening="yes")
