@@ -79,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="inductor", choices=["inductor", "onnxruntime", "openvino"],
                    help="deployment runtime to time, evaluate and export in (default inductor; "
                         "onnxruntime and openvino are extras: pip install \"autoshrink[onnxruntime]\")")
+    s.add_argument("--predictor-screening", default="auto", choices=["auto", "on", "off"],
+                   help="record candidates the calibrated latency predictor puts far over --budget-ms as over "
+                        "budget without compiling them (auto, the default: only where the predictor meets its "
+                        "accuracy goal on this machine)")
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     device_arg(s)

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["append_line", "atomic_path", "write_text_atomic"]
 
 
 @contextlib.contextmanager
@@ -52,3 +52,29 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> Path:
+    """Append ``line`` and a newline to ``path`` (created, with its folders, if missing) in one
+    ``write`` under an exclusive ``flock``: processes appending to one log never interleave.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> log = pathlib.Path(tempfile.mkdtemp()) / "a.jsonl"
+        >>> _ = append_line(log, "one"); _ = append_line(log, "two")
+        >>> log.read_text().splitlines()
+        ['one', 'two']
+    """
+    import fcntl
+
+    if "\n" in line:
+        raise ValueError(f"append_line writes one line; got text with a newline: {line[:60]!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, (line + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)  # closing releases the lock
+    return target

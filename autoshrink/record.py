@@ -145,11 +145,14 @@ class StudyAttr:
     MACHINE_LOAD = "machine_load"  # autoshrink.measure.load.sample_load() at the search's start
     TEACHER_FINGERPRINT = "teacher_fingerprint"  # hash of the teacher's state_dict: a warm start needs the same
     WARM_START = "warm_start"  # {from, copied, infeasible, left_out}: the earlier study's trials told to the sampler
+    # the latency predictor's screening: {"on", "why", "machine", "tau", "median_error", "examples"}
+    PREDICTOR_SCREENING = "predictor_screening"
+    COMPILATIONS_SAVED = "compilations_saved"  # candidates the predictor screened: never compiled nor timed
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
            SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
            GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD, TEACHER_FINGERPRINT,
-           WARM_START)
+           WARM_START, PREDICTOR_SCREENING, COMPILATIONS_SAVED)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -200,12 +203,16 @@ class TrialAttr:
     UNCOUNTED_OPS = "uncounted_ops"  # operator -> calls fvcore did not count: mmacs is "at least"
     PATCH_WARNINGS = "patch_warnings"  # torchao patches the worker could not install (autoshrink.compress.quantize)
     WARM_FROM = "warm_from"  # {run, trial}: copied from an earlier study (sampler only; not counted, not a result)
+    # the latency predictor: a screened candidate's predicted latency (its latency_ms stays empty: never
+    # measured), and what a measured one's graph is made of (worker -> driver, a calibration example)
+    PREDICTED_LATENCY_MS = "predicted_latency_ms"
+    LATENCY_STRUCTURE = "latency_structure"
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
            SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
            FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS, FP32_LAYERS,
-           UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS, WARM_FROM)
+           UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS, WARM_FROM, PREDICTED_LATENCY_MS, LATENCY_STRUCTURE)
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms
@@ -232,6 +239,8 @@ class Reason:
                      "record was lost)")
     NO_ACCURACY = ("finished without an accuracy (the evaluation gave None or NaN: a diverged fine-tune, "
                    "or a metric that returned no number)")
+    PREDICTED_OVER_BUDGET = ("screened: the calibrated latency predictor puts it over the budget by more than "
+                             "three held-out median errors (never compiled; predicted_latency_ms)")
 
 
 #: trials that do not count towards the total: re-run on resume, or never run at all

@@ -28,7 +28,7 @@ COLUMNS = [
     "number", "state", "accuracy", "accuracy_se", "latency_ms", "size_mb", "mmacs", "bops",
     "params", "meets_budget", "finetune_s", "error",
 ]
-EXTRA = ["latency_iqr_ms", "compress_s", "measure_s", "evaluate_s"]
+EXTRA = ["latency_iqr_ms", "compress_s", "measure_s", "evaluate_s", TrialAttr.PREDICTED_LATENCY_MS]
 #: text columns beyond those (never read as numbers)
 TEXT_EXTRA = [TrialAttr.FINETUNE_DEVICE]
 #: which runtime timed each trial (text, text, integer), after the other columns

@@ -108,6 +108,9 @@ class TrialResult:
     latency_threads: int | None = None
     # asked to quantize, and quantized, but run with a float kernel by that runtime: why
     runtime_fp32_layers: dict[str, str] = field(default_factory=dict)
+    # what the timed graph is made of (autoshrink.measure.calibration.Structure), timed here: the
+    # driver records it with latency_ms as a latency-predictor calibration example (not a column)
+    latency_structure: dict = field(default_factory=dict)
 
     def metrics(self) -> dict:
         d = asdict(self)
@@ -202,6 +205,8 @@ def evaluate(
         # who timed it: the meter's own runtime on a latency target, else this process's
         info = lat.info if isinstance(lat, RuntimeLatency) and lat.info is not None else rt.info(lat.threads)
         result.runtime, result.runtime_version, result.latency_threads = info.runtime, info.version, info.threads
+        if ctx.measure is None:  # timed on this machine: a calibration example of its table
+            result.latency_structure = _latency_structure(comp, result, x, ctx)
         if on_latency is not None:
             on_latency({"latency_ms": lat.median_ms})
         del ptq
@@ -292,6 +297,20 @@ def _record_cost(result: TrialResult, comp: Compressed, x: torch.Tensor) -> Cost
             result.layers.append({"layer": name, "bits": comp.bits.get(name, 32), "channels_before": n,
                                   "channels_after": n, "mmacs": cost.layer_macs.get(name, 0.0) / 1e6})
     return cost
+
+
+def _latency_structure(comp: Compressed, result: TrialResult, x: torch.Tensor, ctx: TrialContext) -> dict:
+    """The timed graph's :class:`~autoshrink.measure.calibration.Structure` (one batch-1 forward pass;
+    the layers the runtime ran with a float kernel counted as fp32); empty if it cannot be made: a
+    calibration example is a by-product, never a reason for a trial to fail."""
+    from autoshrink.measure.calibration import structure
+    from autoshrink.measure.predictor import machine_key
+
+    bits = {**comp.bits, **dict.fromkeys(result.runtime_fp32_layers, 32)}
+    try:
+        return structure(comp.pruned, bits, x, machine_key(ctx.latency_threads, ctx.runtime)).to_dict()
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def _bits_only(bits: dict[str, int]) -> Candidate:

@@ -10,8 +10,12 @@
    holds the machine lock (nobody trains meanwhile), so it is the serial part; with few trials,
    so is the last one running alone, which ``sweep`` shortens by starting the longest first.
 3. **Latency predictor** (``--predictor N``): N candidates sampled from the space; the per-layer
-   lookup table's prediction vs the latency measured as a trial measures it: median relative
-   error and Kendall τ.
+   lookup table's prediction (raw sum) vs the latency measured as a trial measures it, and the
+   calibrated prediction (:mod:`autoshrink.measure.calibration`) held out: fitted on half of the N
+   and scored on the other half, and k-fold; median relative error and Kendall τ, with the
+   machine key. Every measurement is also recorded as a calibration example of this machine, and
+   the stored calibration is refitted on all of them (a search screens with it where it meets
+   its goal).
 
 Usage:
     python experiments/bench_overhead.py --task tiny --trials 6 --workers 2 --speedup 4 --predictor 15
@@ -70,20 +74,15 @@ def speedup(task, n: int, steps: int, out: Path) -> None:
     print(f"[speed-up] 2 workers over 1: {s1 / s2:.2f}x on the trials' span, {w1 / w2:.2f}x on the whole call")
 
 
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's τ-a of two equally long sequences (pairs tied in either count as neither)."""
-    n, s = len(a), 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            x, y = a[i] - a[j], b[i] - b[j]
-            s += (x * y > 0) - (x * y < 0)
-    return s / (n * (n - 1) / 2)
-
-
 def predictor(task, space, n: int, seed: int) -> None:
+    """N sampled candidates, each predicted by the table (raw sum) and measured as a trial measures
+    it; every measurement is recorded as a calibration example of this machine. Then raw vs
+    calibrated, held out: fitted on the first half and scored on the second, and k-fold over all."""
     import optuna
     from compare_search import measured_latency_ms
 
+    from autoshrink.compress import compress
+    from autoshrink.measure import calibration as cal
     from autoshrink.measure.predictor import LatencyPredictor
 
     sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -91,24 +90,45 @@ def predictor(task, space, n: int, seed: int) -> None:
     pred = LatencyPredictor.for_machine()
     start = time.perf_counter()
     before = len(pred.table)
-    rows = []
+    rows, structures = [], []
     for _ in range(n):
         cand = space.sample(study.ask())
         t0 = time.perf_counter()
-        p = pred.predict(task.model, cand, task.example_input)
+        comp = compress(task.model, cand, task.example_input)
+        s = pred.structure(comp.pruned, comp.bits, task.example_input)
+        p = pred.predict_structure(s, calibrated=False)
         t_pred = time.perf_counter() - t0
         t0 = time.perf_counter()
         m = measured_latency_ms(task, cand)
         t_meas = time.perf_counter() - t0
+        pred.record(s, m)
         rows.append((p, m, t_pred, t_meas))
-        print(f"  predicted {p:7.3f} ms  measured {m:7.3f} ms  ({t_pred:5.1f} s vs {t_meas:5.1f} s)", flush=True)
-    predicted, measured = [r[0] for r in rows], [r[1] for r in rows]
-    rel = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
-    print(f"[predictor] {n} candidates: median relative error {statistics.median(rel):.1%}, "
-          f"Kendall tau {kendall_tau(predicted, measured):.2f}; table {before} -> {len(pred.table)} entries, "
+        structures.append(s)
+        print(f"  raw {p:7.3f} ms  measured {m:7.3f} ms  ({t_pred:5.1f} s vs {t_meas:5.1f} s)", flush=True)
+    raw, measured = [r[0] for r in rows], [r[1] for r in rows]
+    vectors = [cal.feature_vector(s, pred.table) for s in structures]
+    print(f"[predictor] machine {pred.machine}; {n} candidates; table {before} -> {len(pred.table)} entries, "
           f"{time.perf_counter() - start:.0f} s in all; per candidate once the table is warm: "
           f"{statistics.median(r[2] for r in rows[n // 2:]):.2f} s to predict vs "
           f"{statistics.median(r[3] for r in rows):.1f} s to measure")
+    if n >= 4:
+        half = n // 2
+        coef = cal.fit(vectors[:half], measured[:half])
+        fitted = [sum(c * v for c, v in zip(coef, vec, strict=True)) for vec in vectors[half:]]
+        tau, err = cal.score(fitted, measured[half:])
+        raw_tau, raw_err = cal.score(raw[half:], measured[half:])
+        print(f"[predictor] split (fit on {half}, held out {n - half}): raw sum tau {raw_tau:.2f}, median error "
+              f"{raw_err:.1%}; calibrated tau {tau:.2f}, median error {err:.1%}")
+        k = cal.held_out(vectors, measured, raw, folds=5)
+        print(f"[predictor] {k['folds']}-fold over all {n}: raw sum tau {k['raw_tau']:.2f}, median error "
+              f"{k['raw_median_error']:.1%}; calibrated tau {k['tau']:.2f}, median error {k['median_error']:.1%}")
+    stored = pred.calibrate()
+    if stored is not None:
+        print(f"[predictor] stored calibration of this machine ({stored.n} recorded examples, this run's and "
+              f"earlier ones): held-out tau {stored.tau:.2f}, median error {stored.median_error:.1%} "
+              f"(raw sum: {stored.raw_tau:.2f}, {stored.raw_median_error:.1%}); goal tau >= {cal.GOAL_TAU} and "
+              f"error <= {cal.GOAL_MEDIAN_ERROR:.0%}: {'met' if stored.meets_goal else 'not met'}; coefficients "
+              + ", ".join(f"{f} {c:.3g}" for f, c in zip(cal.FEATURES, stored.coef, strict=True)))
 
 
 def main() -> None:

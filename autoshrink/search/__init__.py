@@ -123,6 +123,7 @@ def search(
     gpus_per_trial: float | None = None,
     runtime: str = "inductor",
     warm_start: str | os.PathLike | None = None,
+    predictor_screening: bool | None = None,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -173,6 +174,12 @@ def search(
             its measured trials are told to the new study's sampler first, judged against this
             ``budget`` (which may differ). They do not count towards ``trials`` and are not results
             of this run (see :mod:`autoshrink.search.warm`). Not with ``resume``.
+        predictor_screening: a sampled candidate that the calibrated latency predictor puts over
+            the latency budget by more than three held-out median errors is recorded as over budget
+            without being compiled (:mod:`autoshrink.search.screening`). None (default): only where
+            the predictor meets its goal on this machine (held-out τ ≥ 0.9, median error ≤ 10 %);
+            True: wherever it is calibrated; False: never. The study records whether it was on and
+            why (``StudyAttr.PREDICTOR_SCREENING``) and the compilations it saved.
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -204,6 +211,10 @@ def search(
 
     budget = budget or Budget()
     validate_counts(trials, workers, minutes)
+    if predictor_screening is not None and not isinstance(predictor_screening, bool):
+        from autoshrink.errors import InputError
+
+        raise InputError(f"predictor_screening must be True, False or None (auto), got {predictor_screening!r}")
     if ray_address:  # in seconds, before anything is compressed
         check_ray_address(ray_address)
     # before anything is built or timed: --device cuda without a GPU fails in seconds
@@ -237,6 +248,7 @@ def search(
                                runtime=runtime),
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
+        predictor_screening=predictor_screening,
     )
     return _run(task, space, budget, config, sampler_obj, load, warm=warm, teacher=teacher)
 

@@ -96,6 +96,8 @@ class DriverConfig:
         screen_limit: at most this many over-budget candidates (never fine-tuned) do not count
             towards the total.
         minutes: start no new trial after this many minutes (None: no limit).
+        predictor_screening: screen candidates the calibrated latency predictor puts far over the
+            budget (see :mod:`autoshrink.search.screening`); None: only where it meets its goal.
     """
 
     budget: Budget
@@ -108,6 +110,7 @@ class DriverConfig:
     latency_target: str | None = None
     screen_limit: int = 0
     minutes: float | None = None
+    predictor_screening: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class SearchConfig:
     latency_target: str | None
     screening: bool
     minutes: float | None
+    predictor_screening: bool | None = None
 
     @property
     def runtime(self) -> str:
@@ -149,6 +153,7 @@ class SearchConfig:
             budget=budget, out=self.out, workers=self.workers, settings=self.settings,
             ray_address=self.ray_address, early_stopping=self.early_stopping, progress=self.progress,
             latency_target=self.latency_target, screen_limit=screen_limit, minutes=self.minutes,
+            predictor_screening=self.predictor_screening,
         )
 
 

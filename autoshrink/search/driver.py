@@ -218,6 +218,7 @@ class Driver:
                 if t.user_attrs.get(TrialAttr.HISTORY) and not accounting.is_warm(t)  # a warm one is no result
             })
         meter = self.meter = self.latency_meter()
+        screener = self.start_screening()
         budget = self.budget.constraints()
         view = ProgressView(total, self.finished(), enabled=cfg.progress)
         inflight: dict[Any, tuple[optuna.trial.Trial, Candidate]] = {}
@@ -243,6 +244,8 @@ class Driver:
                         break
                     cand = propose(trial) if propose is not None else self.space.sample(trial)
                     trial.set_user_attr(TrialAttr.CANDIDATE, cand.to_dict())
+                    if screener is not None and self.screen(trial, cand, screener, view):
+                        continue  # told in milliseconds: never compiled
                     ctx = {
                         "threads": settings.threads,
                         "latency_threads": settings.latency_threads,
@@ -290,6 +293,45 @@ class Driver:
                     pass
             view.close()
 
+    def start_screening(self):
+        """The latency predictor's :class:`~autoshrink.search.screening.Screener` if screening is on
+        (refitted on this machine's recorded examples first), else None; the decision and its reason
+        are recorded on the study either way."""
+        from autoshrink.measure.predictor import LatencyPredictor
+        from autoshrink.search.screening import Decision, Screener, decide
+
+        settings = self.config.settings
+        pred, calibration, machine = None, None, ""
+        try:
+            pred = LatencyPredictor.for_machine(settings.latency_threads, runtime=settings.runtime)
+            machine = pred.machine
+            calibration = pred.calibrate() or pred.calibration
+            decision = decide(self.config.predictor_screening, calibration, budget_ms=self.budget.latency_ms,
+                              timed_elsewhere=self.meter is not None, latency_runs=settings.latency_runs)
+        except Exception as exc:  # noqa: BLE001 - screening is an optimisation: without it, the gate decides
+            decision = Decision(False, f"the latency predictor could not be loaded ({type(exc).__name__}: {exc})")
+        self.study.set_user_attr(StudyAttr.PREDICTOR_SCREENING, decision.record(calibration, machine))
+        if StudyAttr.COMPILATIONS_SAVED not in self.study.user_attrs:
+            self.study.set_user_attr(StudyAttr.COMPILATIONS_SAVED, 0)
+        return Screener(pred, self.task, self.budget.latency_ms) if decision.on else None
+
+    def screen(self, trial, cand: Candidate, screener, view=None) -> bool:
+        """Tell ``trial`` as over budget if ``screener`` screens ``cand`` (True), else leave it to
+        the gate (False; also when the prediction itself fails)."""
+        try:
+            m = screener.check(cand)
+        except Exception:  # noqa: BLE001 - a candidate the predictor cannot see: the gate measures it
+            return False
+        if m is None:
+            return False
+        self.tell(trial, cand, m)
+        self.study.set_user_attr(StudyAttr.COMPILATIONS_SAVED,
+                                 int(self.study.user_attrs.get(StudyAttr.COMPILATIONS_SAVED) or 0) + 1)
+        if view is not None:
+            view.finished(trial.number, {**m, TrialAttr.LATENCY_MS: m[TrialAttr.PREDICTED_LATENCY_MS]},
+                          self.budget, done=self.finished())
+        return True
+
     def _on_term(self, *_args) -> None:
         self.terminated = True  # the caller may end the process at once once all is recorded
         raise KeyboardInterrupt
@@ -303,16 +345,24 @@ class Driver:
         for key in RECORD_ATTRS:
             if m.get(key):
                 trial.set_user_attr(key, m[key])
+        if m.get(TrialAttr.PREDICTED_LATENCY_MS) is not None:  # screened by the predictor (not a worker's metric)
+            trial.set_user_attr(TrialAttr.PREDICTED_LATENCY_MS, m[TrialAttr.PREDICTED_LATENCY_MS])
         state = State(m.get("state", State.FAIL))
         if m.get(TrialAttr.PATCH_WARNINGS):  # torchao patches the worker could not install: the run hears it
             from autoshrink.search.finalize import add_warnings
 
             add_warnings(self.study, m[TrialAttr.PATCH_WARNINGS])
+        if m.get(TrialAttr.LATENCY_STRUCTURE) and m.get(TrialAttr.LATENCY_MS) and self.meter is None:
+            self._record_example(m[TrialAttr.LATENCY_STRUCTURE], m[TrialAttr.LATENCY_MS])
+        # a screened candidate was never timed: its prediction stands in for the gate's figure
+        seen = dict(m)
+        if seen.get(TrialAttr.LATENCY_MS) is None and seen.get(TrialAttr.PREDICTED_LATENCY_MS) is not None:
+            seen[TrialAttr.LATENCY_MS] = seen[TrialAttr.PREDICTED_LATENCY_MS]
         limited = (TrialAttr.LATENCY_MS, TrialAttr.SIZE_MB, TrialAttr.MMACS)
-        violations = self.budget.violations({k: m.get(k) for k in limited if m.get(k) is not None})
+        violations = self.budget.violations({k: seen.get(k) for k in limited if seen.get(k) is not None})
         # relative excess over each limit: <= 0 is feasible (Optuna's convention)
         for key, limit in self.budget.constraints().items():
-            value = m.get(key)
+            value = seen.get(key)
             trial.set_constraint(key, (value - limit) / limit if value is not None else 0.0)
         acc = m.get(TrialAttr.ACCURACY)
         if state is State.COMPLETE and not violations and (acc is None or acc != acc):
@@ -325,7 +375,7 @@ class Driver:
             frozen = self.study.tell(trial, state=State.PRUNED.optuna)
         else:
             accuracy = m.get(TrialAttr.ACCURACY) if not violations else None
-            latency = m.get(TrialAttr.LATENCY_MS)
+            latency = seen.get(TrialAttr.LATENCY_MS)
             if latency is not None and not violations and self.budget.latency_ms is not None:
                 # under a latency budget the goal is the most accurate model within it: being
                 # faster than the budget is worth nothing, so the sampler is told so
@@ -342,6 +392,16 @@ class Driver:
         write_trial_record(self.out, frozen, m)
         write_study_record(self.out, study_name=self.study.study_name, directions=self.study.directions,
                            user_attrs=self.study.user_attrs)
+
+    @staticmethod
+    def _record_example(structure: dict, latency_ms: float) -> None:
+        """A measured candidate: one more calibration example of its machine's latency table."""
+        from autoshrink.measure.predictor import record_example
+
+        try:
+            record_example(structure, latency_ms)
+        except (OSError, ValueError, KeyError, TypeError):  # a cache that cannot be written: the search goes on
+            pass
 
 
 def driver_alive(driver: str | None) -> bool:

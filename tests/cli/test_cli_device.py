@@ -126,6 +126,14 @@ def test_the_defaults_reach_the_search(api, no_cuda):
     with pytest.raises(_Reached):
         main(["search", "--budget-ms", "5", "--space", "auto", "--workers", "3", "--no-progress"])
     assert (api["search"]["device"], api["search"]["gpus_per_trial"], api["search"]["workers"]) == ("auto", None, 3)
+    assert api["search"]["predictor_screening"] is None and api["search"]["warm_start"] is None
+
+
+@pytest.mark.parametrize("flag, value", [("on", True), ("off", False), ("auto", None)])
+def test_predictor_screening_flag_reaches_the_search(api, no_cuda, flag, value):
+    with pytest.raises(_Reached):
+        main(["search", "--budget-ms", "5", "--space", "auto", "--predictor-screening", flag, "--no-progress"])
+    assert api["search"]["predictor_screening"] is value
 
 
 def test_with_a_cluster_the_teacher_trains_where_the_driver_can(api, monkeypatch):
