@@ -44,6 +44,7 @@ import torch.nn as nn
 from autoshrink import _batches
 from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
+from autoshrink.compress._shuffle import map_shuffles, shuffle_channel_groups, uneven_cut
 from autoshrink.record import TrialAttr
 
 __all__ = [
@@ -443,10 +444,15 @@ def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads,
 
     # torch-pruning redoes its index mapping for every group it builds: keep it off throughout
     with _without_reshape_mapping() if reshape_safe else contextlib.nullcontext():
-        return _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe, found)
+        # channels mapped through each channel shuffle's permutation (not with reshape mapping off:
+        # every group through a reshape is vetoed then)
+        shuffles = {} if reshape_safe else map_shuffles(pruner.DG)
+        return _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe,
+                                  shuffles, found)
 
 
-def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe, found=None):
+def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report, reshape_safe, shuffles,
+                       found=None):
     def members(group) -> tuple[str, ...]:
         return tuple(dict.fromkeys(
             names[dep.target.module] for dep, _ in group
@@ -467,8 +473,10 @@ def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report
                 g_members = members(group) if not isinstance(group, BaseException) else (names[root],)
                 for n in g_members:
                     coupled.setdefault(n, g_members)
-                why = _veto(group, reshape_safe) if not isinstance(group, BaseException) else (
+                why = _veto(group, reshape_safe, shuffles) if not isinstance(group, BaseException) else (
                     f"left unpruned: torch-pruning cannot trace this group ({_reason(group)})")
+                if why is None:
+                    why = _in_shuffle_groups(pruner, group, shuffles, root)
                 if why is None:
                     try:
                         pruner.estimate_importance(group)
@@ -501,6 +509,10 @@ def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report
                             and _out_channels(m) == before[n]), why)
             break
         g_members = members(group)
+        uneven = uneven_cut(group, shuffles, names, pruner.DG)
+        if uneven is not None:  # torch-pruning would prune it, but into a different computation
+            set_aside(g_members, f"left unpruned: {uneven}")
+            continue
         saved = _snapshot(group)
         try:
             group.prune()
@@ -554,15 +566,32 @@ def _all_groups(pruner, names: dict[nn.Module, str]):
         yield m, group
 
 
-def _veto(group, reshape_safe: bool) -> str | None:
-    """Why a group must not be pruned even if torch-pruning would: it crosses a channel shuffle
-    (a view through a groups axis: torch-pruning maps channels straight through it, not in their
-    shuffled order), or any reshape when the reshape mapping had to be switched off."""
+def _in_shuffle_groups(pruner, group, shuffles, root) -> str | None:
+    """A group crossing a channel shuffle is pruned in channel groups that keep the shuffle (and
+    the grouped convs around it) the same computation on fewer channels; None when it can be."""
+    need = shuffle_channel_groups(group, shuffles)
+    if need is None:
+        return None
+    channels = pruner.DG.get_out_channels(root)
+    if not channels or channels % need:
+        return (f"left unpruned: the group crosses a channel shuffle and its {channels} channels do not form "
+                f"{need} equal groups (the same channels must go from each shuffle and conv group)")
+    for dep, _ in group:
+        if pruner.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module):
+            pruner.out_channel_groups[dep.target.module] = need
+    return None
+
+
+def _veto(group, reshape_safe: bool, shuffles=None) -> str | None:
+    """Why a group must not be pruned even if torch-pruning would: it crosses a view through more
+    than four dimensions that is not a recognised channel shuffle (a window/patch partition: its
+    channel order torch-pruning does not follow; a recognised shuffle's permutation is on the
+    graph, :func:`map_shuffles`), or any reshape when the reshape mapping had to be switched off."""
     from torch_pruning import ops
 
     for dep, _ in group:
         node = dep.target
-        if node.type != ops.OPTYPE.RESHAPE:
+        if node.type != ops.OPTYPE.RESHAPE or (shuffles and node in shuffles):
             continue
         sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", getattr(node.grad_fn, "_saved_self_sizes", None))
         if sizes is not None and len(sizes) > 4:
