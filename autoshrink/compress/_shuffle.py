@@ -15,12 +15,13 @@ groups (its ``prune_in_channels`` then keeps the first kept positions and mixes 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 
 import torch.nn as nn
 
-__all__ = ["map_shuffles", "shuffle_channel_groups", "uneven_cut"]
+__all__ = ["map_shuffles", "probe_uneven_cut", "shuffle_aware_graph", "shuffle_channel_groups", "uneven_cut"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -44,8 +45,8 @@ def _sizes(node) -> tuple[int, ...] | None:
     return tuple(int(v) for v in sizes) if sizes is not None else None
 
 
-def _shuffle_of(node) -> tuple[int, int] | None:
-    """``(g, s)`` when ``node`` is the closing view of a channel shuffle, else None."""
+def _shuffle_of(node) -> tuple[int, int, object] | None:
+    """``(g, s, opening view)`` when ``node`` is the closing view of a channel shuffle, else None."""
     from torch_pruning import ops
 
     if node.type != ops.OPTYPE.RESHAPE:
@@ -75,21 +76,99 @@ def _shuffle_of(node) -> tuple[int, int] | None:
     first_sizes = _sizes(first) if first.type == ops.OPTYPE.RESHAPE else None
     if first_sizes is None or len(first_sizes) != 4 or first_sizes[1] != g * s:
         return None
-    return g, s
+    return g, s, first
+
+
+def _opens_shuffle(node) -> bool:
+    """Whether ``node`` is the opening view of a channel shuffle (``view(b, g, c // g, h, w)``)."""
+    from torch_pruning import ops
+
+    if node.type != ops.OPTYPE.RESHAPE:
+        return False
+    frontier = list(node.outputs)
+    for _ in range(3):  # view -> transpose -> (clone) -> view
+        nxt = []
+        for o in frontier:
+            found = _shuffle_of(o)
+            if found is not None and found[2] is node:
+                return True
+            nxt.extend(o.outputs)
+        frontier = nxt
+    return False
+
+
+@contextlib.contextmanager
+def shuffle_aware_graph():
+    """Two repairs to torch-pruning's graph construction, for the time of one pruning:
+
+    - a channel shuffle's views are left out of its reshape index mapping, which reads them as
+      a flatten and divides by a zero channel count, or, on ShuffleNetV2's chain of
+      split/concat/shuffle, recurses through every concat and split it meets (a hang); the
+      shuffle's own mapping is put on the graph afterwards (:func:`map_shuffles`);
+    - a ``chunk``/``split`` gets its offsets from the sizes the autograd node saved: torch-pruning
+      looks for ``_saved_self_sizes``, which this torch names ``_saved_self_sym_sizes``, and its
+      fallback (channel inference) drops the outputs it cannot infer, leaving too few offsets.
+    """
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    reshape, init_shapes = index_mapping.update_reshape_index_mapping, shape_infer.init_shape_information
+
+    def update_reshape(graph, node):
+        if _shuffle_of(node) is None and not _opens_shuffle(node):
+            reshape(graph, node)
+
+    def init_shape_information(graph):
+        init_shapes(graph)
+        _split_offsets(graph)
+
+    index_mapping.update_reshape_index_mapping = update_reshape
+    shape_infer.init_shape_information = init_shape_information
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = reshape
+        shape_infer.init_shape_information = init_shapes
+
+
+def _split_offsets(graph) -> None:
+    from torch_pruning import ops
+
+    for node in graph.module2node.values():
+        gf = node.grad_fn
+        if node.type != ops.OPTYPE.SPLIT or gf is None:
+            continue
+        sizes = getattr(gf, "_saved_self_sym_sizes", None)
+        if sizes is None or len(sizes) < 2 or int(gf._saved_dim) % len(sizes) != 1:
+            continue  # not a split along channels
+        c = int(sizes[1])
+        if hasattr(gf, "_saved_split_sizes"):
+            chunks = [int(v) for v in gf._saved_split_sizes]
+        elif hasattr(gf, "_saved_split_size"):
+            step = int(gf._saved_split_size)
+            chunks = [min(step, c - a) for a in range(0, c, step)]
+        else:
+            continue
+        if sum(chunks) != c:
+            continue
+        offsets = [0]
+        for ch in chunks:
+            offsets.append(offsets[-1] + ch)
+        node.module.split_sizes, node.module.offsets = chunks, offsets
 
 
 def map_shuffles(dg) -> dict[object, int]:
     """Put each channel shuffle's permutation on the edges into its closing view.
 
-    torch-pruning's own index-mapping update leaves a 5-D view alone, so the mapping stays for
-    the graph's lifetime. Returns the closing-view nodes and their group counts.
+    Under :func:`shuffle_aware_graph` torch-pruning's own index-mapping update leaves the
+    shuffle's views alone, so the mapping stays for the graph's lifetime. Returns the
+    closing-view nodes and their group counts.
     """
     shuffles: dict[object, int] = {}
     for node in list(dg.module2node.values()):
         found = _shuffle_of(node)
         if found is None:
             continue
-        g, s = found
+        g, s, _ = found
         inp = node.inputs[0]
         for dep in inp.dependencies:
             if dep.target is node:
@@ -171,3 +250,20 @@ def uneven_cut(group, shuffles: dict[object, int], names: dict, dg) -> str | Non
             return (f"grouped conv {where} (groups={groups}) would lose different {side} channels in each of "
                     "its groups (a grouped conv can only lose the same positions in every group)")
     return None
+
+
+def probe_uneven_cut(pruner, root, group, shuffles: dict[object, int], names: dict) -> str | None:
+    """:func:`uneven_cut` before anything is chosen: torch-pruning removes the same positions
+    from each of the group's channel groups (rooted at ``root``), so removing the first position
+    of each shows whether the shuffles and grouped convs it reaches are cut evenly. None when the
+    group reaches neither, or is cut evenly."""
+    if not any(dep.target in shuffles or _grouped(dep.target.module) > 1 for dep, _ in group):
+        return None
+    dg = pruner.DG
+    channels = dg.get_out_channels(root)
+    blocks = pruner._get_channel_groups(group)  # what torch-pruning's step will use
+    if not channels or channels % blocks:
+        return None  # torch-pruning's own checks apply
+    handler = dg.get_pruner_of_module(root)
+    probe = dg.get_pruning_group(root, handler.prune_out_channels, [k * (channels // blocks) for k in range(blocks)])
+    return uneven_cut(probe, shuffles, names, dg)

@@ -44,7 +44,13 @@ import torch.nn as nn
 from autoshrink import _batches
 from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
-from autoshrink.compress._shuffle import map_shuffles, shuffle_channel_groups, uneven_cut
+from autoshrink.compress._shuffle import (
+    map_shuffles,
+    probe_uneven_cut,
+    shuffle_aware_graph,
+    shuffle_channel_groups,
+    uneven_cut,
+)
 from autoshrink.record import TrialAttr
 
 __all__ = [
@@ -408,6 +414,12 @@ def _prune_groups(model, example_input, asked, ignored_modules, round_to, heads,
     """Build torch-pruning's graph (guarded), set aside the groups it cannot handle, and prune
     the others one at a time, each undone if it fails or breaks the forward pass (with ``found``
     a list: only append each prunable group's members to it, prune nothing)."""
+    with shuffle_aware_graph():
+        return _build_and_prune(model, example_input, asked, ignored_modules, round_to, heads, names, guard,
+                                report, found)
+
+
+def _build_and_prune(model, example_input, asked, ignored_modules, round_to, heads, names, guard, report, found):
     import torch_pruning as tp  # heavy; only needed here
 
     def build(ignore, share=None):
@@ -477,6 +489,9 @@ def _analyse_and_prune(pruner, model, example_input, heads, names, guard, report
                     f"left unpruned: torch-pruning cannot trace this group ({_reason(group)})")
                 if why is None:
                     why = _in_shuffle_groups(pruner, group, shuffles, root)
+                if why is None:
+                    uneven = probe_uneven_cut(pruner, root, group, shuffles, names)
+                    why = f"left unpruned: {uneven}" if uneven else None
                 if why is None:
                     try:
                         pruner.estimate_importance(group)
