@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from autoshrink import Candidate
 from autoshrink.compress import QATModel, apply, compress
@@ -367,7 +368,7 @@ def _fail_to_compile(_model):
 
 
 def test_compile_failure_names_the_fused_int8_layers(monkeypatch):
-    from autoshrink.compress import quantize
+    from autoshrink.compress import compile as quantize  # where compile_checked looks compile_cpu up
 
     model = create("gelu_mlp")
     lowered = lower(prepare_ptq(model, Candidate.uniform(bits=8), X, [X]))
@@ -378,7 +379,7 @@ def test_compile_failure_names_the_fused_int8_layers(monkeypatch):
 
 
 def test_fp32_linear_is_not_implicated(monkeypatch):
-    from autoshrink.compress import quantize
+    from autoshrink.compress import compile as quantize  # where compile_checked looks compile_cpu up
 
     model = create("gelu_mlp")
     lowered = lower(prepare_ptq(model, Candidate(bits={"fc1": 32}, default_bits=8), X, [X]))
@@ -393,7 +394,7 @@ def test_trial_leaves_uncompilable_int8_layers_fp32(monkeypatch):
     from torch.utils.data import TensorDataset
 
     from autoshrink import Budget, Task, trial
-    from autoshrink.compress import quantize
+    from autoshrink.compress import compile as quantize  # where compile_checked looks compile_cpu up
 
     calls = []
 
@@ -417,3 +418,58 @@ def test_trial_leaves_uncompilable_int8_layers_fp32(monkeypatch):
     assert set(r.fp32_layers) == {"fc1", "fc2"}
     assert all("int8 kernel did not compile" in why for why in r.fp32_layers.values())
     assert {layer["layer"]: layer["bits"] for layer in r.layers} == {"fc1": 32, "fc2": 32, "head": 8}
+
+
+# -- the real case: an int8 Linear whose output is added to itself --------------------------------
+class SelfAddMLP(nn.Module):
+    """A Linear whose output reaches both inputs of one add: ``h + dropout(h)`` (dropout is the
+    identity in eval), or ``gelu(h) + gelu(h)`` (Inductor merges the two GELUs into one node).
+    torchao's x86 qlinear + binary fusion then fails on this torch/torchao, inside Inductor:
+    "Tried to erase Node qlinear_pointwise..." or an ``AssertionError`` in
+    ``_is_valid_quantized_op_binary_optimization_pattern``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc1 = nn.Linear(32 * 32, 64)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x.flatten(1))
+        h = h + self.drop(h) if self.kind == "residual_dropout" else F.gelu(h) + F.gelu(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kind", ["residual_dropout", "twin_gelu"])
+def test_real_int8_compile_failure_names_the_layer(kind):
+    from autoshrink.compress.compile import Int8CompileError, compile_checked
+
+    torch.manual_seed(0)
+    model = SelfAddMLP(kind).eval()
+    lowered = lower(prepare_ptq(model, Candidate.uniform(bits=8), X, [X]))
+    with pytest.raises(Int8CompileError, match="backend='inductor'") as info:
+        compile_checked(lowered, X)
+    assert info.value.layers == ["fc1"]
+    # fc1 fp32, the rest int8: compiles and runs
+    fallback = lower(prepare_ptq(model, Candidate(bits={"fc1": 32}, default_bits=8), X, [X]))
+    with torch.no_grad():
+        assert compile_checked(fallback, X)(X).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_trial_completes_with_the_real_uncompilable_layer_fp32():
+    """No injected error: the trial meets the compiler's failure, leaves fc1 fp32 and completes."""
+    from torch.utils.data import TensorDataset
+
+    from autoshrink import Budget, Task, trial
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,)))
+    task = Task(model=SelfAddMLP("twin_gelu").eval(), train_data=data, val_data=data, example_input=X,
+                name="self_add")
+    r = trial.evaluate(task, Candidate.uniform(bits=8, steps=2, batch_size=16), Budget(size_mb=10),
+                       trial.TrialContext(latency_runs=1))
+    assert r.state == trial.State.COMPLETE, r.error
+    assert set(r.fp32_layers) == {"fc1"} and "int8 kernel did not compile" in r.fp32_layers["fc1"]
+    assert {layer["layer"]: layer["bits"] for layer in r.layers} == {"fc1": 32, "head": 8}
