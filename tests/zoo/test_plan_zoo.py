@@ -17,12 +17,12 @@ X = torch.randn(1, 1, 32, 32)
 
 def test_plan_names_shufflenet_v2_groups_as_the_trial_does():
     p = ash.plan(create("shufflenet_v2"), example_input=X, measure=False)
-    assert p.groups, "the groups that cross no reshape are still prunable"
-    assert any("crosses a reshape" in why for _, why in p.unpruned_groups), p.unpruned_groups
+    assert p.groups, "the groups inside the blocks are still prunable"
+    assert any("channel shuffle of 2 groups" in why for _, why in p.unpruned_groups), p.unpruned_groups
     report = prune_(create("shufflenet_v2"), Candidate.uniform(prune=0.5), X)
     assert {w for _, w in p.unpruned_groups} == {w for _, w in report.unpruned_groups}
     text = render(p)
-    assert "left unpruned: " in text and "crosses a reshape" in text
+    assert "left unpruned: " in text and "channel shuffle of 2 groups" in text
     assert p.as_dict()["unpruned_groups"][0]["reason"].startswith("left unpruned: ")
 
 
