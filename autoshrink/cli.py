@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                         "onnxruntime and openvino are extras: pip install \"autoshrink[onnxruntime]\")")
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-solver", action="store_true", help="do not try the sensitivity x latency-table proposals first")
     _device_arg(s)
     s.add_argument("--gpus-per-trial", type=_positive(float), default=None, metavar="G",
                    help="GPUs Ray gives each trial (default 1 with a GPU device; 0.5 packs two on one GPU)")
@@ -226,7 +227,7 @@ def _cmd_search(args) -> int:
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
         minutes=args.minutes if args.minutes and args.minutes > 0 else None, runtime=args.runtime,
-        device=args.device, gpus_per_trial=args.gpus_per_trial,
+        device=args.device, gpus_per_trial=args.gpus_per_trial, solver=not args.no_solver,
     )
     _print_summary(result, front_table, plan_table)
     return 0

@@ -32,6 +32,7 @@ __all__ = [
     "STUDY_DIRECTIONS",
     "TEACHER_LATENCY_MS_DRIVER",
     "Direction",
+    "Proposer",
     "Reason",
     "State",
     "StudyAttr",
@@ -143,10 +144,11 @@ class StudyAttr:
     TEST_SCORES = "test_scores"  # {number: {test_accuracy, test_accuracy_se}}: the test split, scored once
     WARNINGS = "warnings"  # [line, ...]: degradations a user must hear (summary, report)
     MACHINE_LOAD = "machine_load"  # autoshrink.measure.load.sample_load() at the search's start
+    SOLVER = "solver"  # autoshrink.search.solver.Proposals.record(): the proposals, their predictions, seconds
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
            SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
-           GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD)
+           GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD, SOLVER)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -182,6 +184,7 @@ class TrialAttr:
     # bookkeeping
     DRIVER = "driver"  # "host:pid" of the driver that asked for it
     RERUN_OF = "rerun_of"  # the interrupted trial this one re-runs
+    PROPOSED_BY = "proposed_by"  # an enqueued trial's origin: Proposer.SOLVER or Proposer.BASELINE
     # sweeps: the given candidate (flat) and its position in the list given
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
@@ -199,9 +202,16 @@ class TrialAttr:
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
-           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, PROPOSED_BY, CANDIDATE_PARAMS, CANDIDATE_INDEX,
            FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS, FP32_LAYERS,
            UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS)
+
+
+class Proposer:
+    """``TrialAttr.PROPOSED_BY`` values: who enqueued a trial before the sampler's first one."""
+
+    SOLVER = "solver"  # autoshrink.search.solver
+    BASELINE = "baseline"  # autoshrink.search.baselines
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms

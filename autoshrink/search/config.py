@@ -132,6 +132,7 @@ class SearchConfig:
     latency_target: str | None
     screening: bool
     minutes: float | None
+    solver: bool = True  # enqueue the solver's proposals after the budget-edge baseline (autoshrink.search.solver)
 
     @property
     def runtime(self) -> str:
