@@ -423,13 +423,13 @@ def measure_problem(task: Task, space: SearchSpace, metrics: Sequence[str], *, l
     x = task.example_input
     rules = rule_choices(space)
     ref = {label: _reference(choices) for label, choices in rules}
-    pruned_by: dict[Any, Any] = {}  # the prune plan -> the pruned teacher (bits do not change it)
+    last: list[Any] = [None, None]  # the last prune plan and its pruned teacher (bits do not change it)
 
     def figures(cand: Candidate) -> dict[str, float]:
         plan = (tuple(cand.prune.items()), cand.round_to)
-        if plan not in pruned_by:
-            pruned_by[plan] = compress(task.model, cand, x).pruned
-        pruned = pruned_by[plan]
+        if plan != last[0]:  # one pruned copy at a time: a ResNet-18 is 45 MB
+            last[:] = [plan, compress(task.model, cand, x).pruned]
+        pruned = last[1]
         fp32 = unsupported_layers(pruned, cand)
         bits = {n: 32 if n in fp32 else b for n, b in layer_bits(pruned, cand).items()}
         out = {}
@@ -445,7 +445,8 @@ def measure_problem(task: Task, space: SearchSpace, metrics: Sequence[str], *, l
     costs: dict[str, list[list[float]]] = {m: [] for m in metrics}
     for label, choices in rules:
         row_choices, row_drops, row_costs = [], [], {m: [] for m in metrics}
-        for choice in choices:
+        # by pruning ratio, so that each ratio's pruned teacher is built once for all its bit-widths
+        for choice in sorted(choices, key=lambda c: c.prune or 0.0):
             parts = [("bits", choice.bits, 32), ("prune", choice.prune, 0.0)]
             keys = [(label, kind, round(float(v), 10)) for kind, v, none in parts if v is not None and v != none]
             if any(key in seen and key not in measured for key in keys):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from autoshrink.record import TrialAttr
+from autoshrink.record import FIXED_PARAMS, TrialAttr
 from autoshrink.search.solver import Choice, Problem, rule_choices, solve, to_candidate
 
 LAT, SIZE = TrialAttr.LATENCY_MS, TrialAttr.SIZE_MB
@@ -161,3 +161,75 @@ def test_proposals_on_a_tiny_task_are_candidates_of_its_space(tiny_task, tiny_sp
     # a budget nothing meets: no proposals, a warning, no exception
     none = propose(tiny_task, space, ash.Budget(size_mb=1e-6), limit=64)
     assert none.candidates == [] and "no proposals" in none.warning and math.isfinite(none.seconds)
+
+
+def _enqueue(monkeypatch, proposals, *, solver=True, trials=6, budget=None):
+    """Run the search's enqueue step on a fresh study with a faked budget edge and solver."""
+    import importlib
+    import types
+
+    import optuna
+
+    import autoshrink as ash
+    from autoshrink.record import STUDY_DIRECTIONS
+    from autoshrink.search import TrialSettings
+
+    search_pkg = importlib.import_module("autoshrink.search")  # the package (ash.search is the function)
+    solver_mod = importlib.import_module("autoshrink.search.solver")
+    monkeypatch.setattr(search_pkg, "budget_edge", lambda *a, **k: {"prune": 0.25, "probes": [[0.25, 4.0, 1, 1, True]],
+                                                                    "seconds": 1.0, "error": ""})
+    asked = []
+
+    def fake_propose(task, space, budget, **kwargs):
+        asked.append(kwargs)
+        return proposals
+
+    monkeypatch.setattr(solver_mod, "propose", fake_propose)
+    space = ash.SearchSpace.from_dict({"layers": [{"name": "all", "pattern": "*", "bits": [4, 8],
+                                                   "prune": [0.0, 0.25, 0.5, 0.75]}]}, source="s.yaml")
+    study = optuna.create_study(directions=STUDY_DIRECTIONS)
+    config = types.SimpleNamespace(time_here=True, settings=TrialSettings(), progress=True, trials=trials,
+                                   solver=solver)
+    search_pkg._enqueue_baselines(None, space, budget or ash.Budget(latency_ms=5.0), config, study)
+    return study, asked
+
+
+def test_proposals_are_enqueued_after_the_budget_edge_and_marked(monkeypatch, capsys):
+    import autoshrink as ash
+    from autoshrink.record import Proposer, StudyAttr
+    from autoshrink.search.solver import Proposals
+
+    cand = to_candidate
+    space = ash.SearchSpace.from_dict({"layers": [{"name": "all", "pattern": "*", "bits": [4, 8],
+                                                   "prune": [0.0, 0.25, 0.5, 0.75]}]})
+    picks = [cand(space, {"all": Choice(4, 0.25)}), cand(space, {"all": Choice(4, 0.75)})]
+    found = Proposals(candidates=picks, solutions=[{"drop": 1.0}, {"drop": 2.0}], seconds=41.0, cached=True)
+    study, asked = _enqueue(monkeypatch, found)
+    waiting = study.get_trials(deepcopy=False)
+    params = [(t.system_attrs[FIXED_PARAMS], t.user_attrs[TrialAttr.PROPOSED_BY]) for t in waiting]
+    assert params == [({"bits.all": 8, "prune.all": 0.25}, Proposer.BASELINE),
+                      ({"bits.all": 4, "prune.all": 0.25}, Proposer.SOLVER),
+                      ({"bits.all": 4, "prune.all": 0.75}, Proposer.SOLVER),
+                      ({"bits.all": 8, "prune.all": 0.5}, Proposer.BASELINE)]
+    assert study.user_attrs[StudyAttr.SOLVER]["proposals"] == [{"drop": 1.0}, {"drop": 2.0}]
+    assert "solver: 2 proposals in 41 s (sensitivity cached)" in capsys.readouterr().out
+    # the edge probe anchors the latency table
+    (kwargs,) = asked
+    assert [ms for _, ms in kwargs["anchors"]] == [4.0]
+    # the trial count caps proposals as it caps baselines
+    study, _ = _enqueue(monkeypatch, found, trials=2)
+    assert [t.user_attrs[TrialAttr.PROPOSED_BY] for t in study.trials] == [Proposer.BASELINE, Proposer.SOLVER]
+
+
+def test_no_solver_and_a_failed_solver_enqueue_the_baselines_alone(monkeypatch, capsys):
+    from autoshrink.record import Proposer, StudyAttr
+    from autoshrink.search.solver import Proposals
+
+    study, asked = _enqueue(monkeypatch, Proposals(), solver=False)
+    assert asked == [] and StudyAttr.SOLVER not in study.user_attrs
+    assert {t.user_attrs[TrialAttr.PROPOSED_BY] for t in study.trials} == {Proposer.BASELINE}
+    failed = Proposals(seconds=2.0, warning="the solver failed (RuntimeError: boom); no proposals")
+    study, _ = _enqueue(monkeypatch, failed)
+    assert len(study.trials) == 2  # the edge, then the next step up
+    assert any("the solver failed (RuntimeError: boom)" in line for line in study.user_attrs[StudyAttr.WARNINGS])
+    assert "warning: solver: 0 proposals in 2 s; the solver failed" in capsys.readouterr().out
