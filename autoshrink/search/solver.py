@@ -22,7 +22,7 @@ over rules), negative drops (noise) count as 0; costs add up over rules relative
 reference (every rule's layers at 32 bits, unpruned; layers no rule sets at the space's
 defaults). A ``per_layer`` rule takes one choice for all its layers here.
 
-Long module (~550 lines): the problem, the measurements that fill it and the proposals made
+Long module (~600 lines): the problem, the measurements that fill it and the proposals made
 from its solutions share one format (:class:`Choice`, :class:`Problem`); split the measurements
 out if a second source of costs appears.
 """
@@ -35,7 +35,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ __all__ = [
     "CONTINUOUS_STEP",
     "DEFAULT_LIMIT",
     "Choice",
+    "Coster",
     "Problem",
     "Proposals",
     "Solution",
@@ -156,7 +157,9 @@ class Solution:
     predicted: dict[str, float]
 
 
-def solve(problem: Problem, limits: Mapping[str, float], *, k: int = 3, min_diff: int = 2) -> list[Solution]:
+def solve(problem: Problem, limits: Mapping[str, float], *, k: int = 3, min_diff: int = 2,
+          exact: Callable[[tuple[int, ...]], Mapping[str, float]] | None = None,
+          max_checks: int = 20) -> list[Solution]:
     """The ``k`` best solutions of ``problem`` under ``limits``, each differing from every earlier
     one in at least ``min_diff`` rule choices.
 
@@ -166,9 +169,15 @@ def solve(problem: Problem, limits: Mapping[str, float], *, k: int = 3, min_diff
     After each solution a no-good cut (its chosen variables sum to at most ``R - min_diff``)
     makes the next one differ from it.
 
+    Costs do not add up exactly (pruning one rule shrinks the next rule's inputs, whose bytes
+    depend on that rule's bits), so with ``exact`` each solution is costed as a whole
+    (``exact(picks)`` -> metric -> value) and one that misses a limit is cut off alone (its
+    variables sum to at most ``R - 1``) and the next best is tried, up to ``max_checks`` times.
+
     Returns:
-        Up to ``k`` solutions, best first; fewer when no more feasible ones exist (none: the
-        limits cannot be met by any combination).
+        Up to ``k`` solutions, best first, with their ``exact`` costs where given; fewer when no
+        more feasible ones exist (none: the limits cannot be met by any combination) or the
+        checks ran out.
 
     Raises:
         ValueError: a limited metric the problem has no costs for; ``k`` or ``min_diff`` below 1.
@@ -207,6 +216,7 @@ def solve(problem: Problem, limits: Mapping[str, float], *, k: int = 3, min_diff
         upper.append(float(limit) - problem.base[metric])
         headroom += cost / max(abs(float(limit)), 1e-12)
     found: list[Solution] = []
+    checks = 0
     options = {"mip_rel_gap": 0.0, "disp": False}
     integrality = np.ones(n)
     while len(found) < k:
@@ -226,13 +236,22 @@ def solve(problem: Problem, limits: Mapping[str, float], *, k: int = 3, min_diff
             if again.x is not None:
                 x = again.x
         picks = tuple(int(np.argmax(x[offsets[r]:offsets[r + 1]])) for r in range(rules))
-        found.append(Solution(picks, problem.drop(picks), problem.predicted(picks)))
+        predicted = problem.predicted(picks)
+        ok = True
+        if exact is not None:
+            checks += 1
+            predicted = {**predicted, **{m: float(v) for m, v in exact(picks).items()}}
+            ok = all(predicted[m] <= v + 1e-9 * max(1.0, abs(v)) for m, v in limits.items())
+        if ok:
+            found.append(Solution(picks, problem.drop(picks), predicted))
         cut = np.zeros(n)
         for r, i in enumerate(picks):
             cut[offsets[r] + i] = 1.0
         rows.append(cut)
         lower.append(-np.inf)
-        upper.append(float(rules - min_diff))
+        upper.append(float(rules - (min_diff if ok else 1)))
+        if not ok and checks >= max_checks:
+            break
     return found
 
 
@@ -395,12 +414,48 @@ def _drops(df: pd.DataFrame) -> tuple[dict[tuple[str, str, float], float], set[t
     return out, seen
 
 
-def measure_problem(task: Task, space: SearchSpace, metrics: Sequence[str], *, limit: int = DEFAULT_LIMIT,
-                    predictor: Any = None, latency_scale: float = 1.0) -> tuple[Problem, bool]:
+class Coster:
+    """A candidate's latency / size / MACs without compiling it: the teacher pruned by it (one
+    pruned copy kept, as bits do not change the pruning), its bits as :func:`compress` resolves
+    them, ``predictor.predict_pruned`` times ``latency_scale``, and the exact size and MACs.
+
+    Raises:
+        ValueError: a latency metric without a ``predictor``.
+    """
+
+    def __init__(self, task: Task, metrics: Sequence[str], predictor: Any = None, latency_scale: float = 1.0) -> None:
+        if TrialAttr.LATENCY_MS in metrics and predictor is None:
+            raise ValueError("a latency budget needs a latency predictor")
+        self.task, self.metrics, self.predictor, self.latency_scale = task, list(metrics), predictor, latency_scale
+        self._plan: Any = None
+        self._pruned: Any = None  # one pruned copy at a time: a ResNet-18 is 45 MB
+
+    def __call__(self, cand: Candidate) -> dict[str, float]:
+        from autoshrink.compress import compress
+        from autoshrink.compress.quantize import layer_bits, unsupported_layers
+        from autoshrink.measure.flops import model_cost
+
+        x = self.task.example_input
+        plan = (tuple(cand.prune.items()), cand.default_prune, cand.round_to)
+        if plan != self._plan:
+            self._plan, self._pruned = plan, compress(self.task.model, cand, x).pruned
+        pruned = self._pruned
+        fp32 = unsupported_layers(pruned, cand)
+        bits = {n: 32 if n in fp32 else b for n, b in layer_bits(pruned, cand).items()}
+        out = {}
+        if TrialAttr.SIZE_MB in self.metrics or TrialAttr.MMACS in self.metrics:
+            cost = model_cost(pruned, x, bits)
+            out[TrialAttr.SIZE_MB], out[TrialAttr.MMACS] = cost.size_mb, cost.mmacs
+        if TrialAttr.LATENCY_MS in self.metrics:
+            out[TrialAttr.LATENCY_MS] = self.latency_scale * float(self.predictor.predict_pruned(pruned, bits, x))
+        return {m: out[m] for m in self.metrics}
+
+
+def measure_problem(task: Task, space: SearchSpace, coster: Coster, *,
+                    limit: int = DEFAULT_LIMIT) -> tuple[Problem, bool]:
     """The knapsack of ``space`` on ``task``: drops from :func:`sensitivity_table`, and for each
-    of ``metrics`` (``latency_ms``, ``size_mb``, ``mmacs``) each (rule, choice)'s change from the
-    reference, computed by compressing the teacher with only that rule changed (no compilation:
-    latency is ``predictor.predict_pruned``, times ``latency_scale``; size and MACs are exact).
+    of ``coster``'s metrics (``latency_ms``, ``size_mb``, ``mmacs``) each (rule, choice)'s change
+    from the reference, from the teacher compressed with only that rule changed (no compilation).
 
     A choice whose sensitivity measurement failed is left out of the problem.
 
@@ -408,39 +463,16 @@ def measure_problem(task: Task, space: SearchSpace, metrics: Sequence[str], *, l
         The problem (its choices are :class:`Choice` s) and whether the sensitivity was cached.
 
     Raises:
-        ValueError: a latency metric without a ``predictor``; a rule all of whose choices failed.
+        ValueError: a rule all of whose choices failed.
     """
-    from autoshrink.compress import compress
-    from autoshrink.compress.quantize import layer_bits, unsupported_layers
-    from autoshrink.measure.flops import model_cost
-
-    if TrialAttr.LATENCY_MS in metrics and predictor is None:
-        raise ValueError("a latency budget needs a latency predictor")
     df, cached = sensitivity_table(task, space, limit=limit)
     # a (rule, setting) never measured costs no accuracy: a rule of only the classifier head has
     # no prune rows, as pruning leaves the head alone
     measured, seen = _drops(df)
-    x = task.example_input
+    metrics = coster.metrics
     rules = rule_choices(space)
     ref = {label: _reference(choices) for label, choices in rules}
-    last: list[Any] = [None, None]  # the last prune plan and its pruned teacher (bits do not change it)
-
-    def figures(cand: Candidate) -> dict[str, float]:
-        plan = (tuple(cand.prune.items()), cand.round_to)
-        if plan != last[0]:  # one pruned copy at a time: a ResNet-18 is 45 MB
-            last[:] = [plan, compress(task.model, cand, x).pruned]
-        pruned = last[1]
-        fp32 = unsupported_layers(pruned, cand)
-        bits = {n: 32 if n in fp32 else b for n, b in layer_bits(pruned, cand).items()}
-        out = {}
-        if TrialAttr.SIZE_MB in metrics or TrialAttr.MMACS in metrics:
-            cost = model_cost(pruned, x, bits)
-            out[TrialAttr.SIZE_MB], out[TrialAttr.MMACS] = cost.size_mb, cost.mmacs
-        if TrialAttr.LATENCY_MS in metrics:
-            out[TrialAttr.LATENCY_MS] = latency_scale * float(predictor.predict_pruned(pruned, bits, x))
-        return {m: out[m] for m in metrics}
-
-    base = figures(to_candidate(space, ref))
+    base = coster(to_candidate(space, ref))
     labels, kept, drops = [], [], []
     costs: dict[str, list[list[float]]] = {m: [] for m in metrics}
     for label, choices in rules:
@@ -451,7 +483,7 @@ def measure_problem(task: Task, space: SearchSpace, metrics: Sequence[str], *, l
             keys = [(label, kind, round(float(v), 10)) for kind, v, none in parts if v is not None and v != none]
             if any(key in seen and key not in measured for key in keys):
                 continue  # its measurement failed: a trial would most likely fail too
-            got = figures(to_candidate(space, {**ref, label: choice}))
+            got = coster(to_candidate(space, {**ref, label: choice}))
             row_choices.append(choice)
             row_drops.append(sum(measured.get(key, 0.0) for key in keys))
             for m in metrics:
@@ -498,7 +530,10 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
             latency_threads: int = 1, runtime: str = "inductor", anchors: Sequence[tuple[Candidate, float]] = (),
             base: Candidate | None = None) -> Proposals:
     """Up to ``k`` candidates that minimise the summed no-fine-tune drop under ``budget``'s
-    predicted latency / size / MACs, differing pairwise in at least two rule choices.
+    predicted latency / size / MACs, differing pairwise in at least two rule choices. The
+    knapsack's costs add up per rule; each solution is then costed as a whole candidate (exact
+    size and MACs, the latency table over its real layer shapes) and one that misses the budget
+    is replaced by the next best (:func:`solve`'s ``exact``).
 
     Args:
         task: the teacher and its data.
@@ -532,9 +567,15 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
             ratios = [ms / predictor.predict(task.model, cand, task.example_input) for cand, ms in anchors if ms]
             if ratios:
                 found.latency_scale = float(sorted(ratios)[len(ratios) // 2])
-        problem, found.cached = measure_problem(task, space, list(limits), limit=limit, predictor=predictor,
-                                                latency_scale=found.latency_scale)
-        solutions = solve(problem, limits, k=k)
+        coster = Coster(task, list(limits), predictor, found.latency_scale)
+        problem, found.cached = measure_problem(task, space, coster, limit=limit)
+
+        def whole(picks: tuple[int, ...]) -> dict[str, float]:  # costs do not add up exactly: check each
+            return coster(to_candidate(space, {label: problem.choices[r][i]
+                                               for r, (label, i) in enumerate(zip(problem.labels, picks, strict=True))},
+                                       base))
+
+        solutions = solve(problem, limits, k=k, exact=whole)
         if not solutions:
             found.warning = (f"no combination of the rules' choices meets {budget.describe()} by prediction; "
                              "no proposals")

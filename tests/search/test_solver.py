@@ -91,6 +91,50 @@ def test_the_top_three_differ_in_two_rules_and_are_each_optimal_given_the_earlie
         assert brute(p, limits, avoid=earlier) is None
 
 
+def _interacting(p: Problem):
+    """Whole-solution costs that do not add up: rule a's cheap choices make b's costlier (as
+    pruning one rule shrinks the next one's inputs, whose bytes depend on that rule's bits)."""
+    def exact(picks):
+        got = p.predicted(picks)
+        return {m: v + 0.6 * picks[0] * (3 - picks[1]) / 3 for m, v in got.items()}
+    return exact
+
+
+@pytest.mark.parametrize("limits", BUDGETS, ids=lambda b: ",".join(f"{k}<={v:g}" for k, v in b.items()))
+def test_solutions_costed_as_a_whole_meet_the_limits_and_are_optimal_among_those_that_do(limits):
+    p = problem()
+    exact = _interacting(p)
+    found = solve(p, limits, k=3, exact=exact, max_checks=64)
+    earlier = []
+
+    def whole_meets(picks):
+        return all(exact(picks)[m] <= v + 1e-9 for m, v in limits.items())
+
+    for sol in found:
+        assert whole_meets(sol.picks) and sol.predicted == pytest.approx(exact(sol.picks))
+        best = None
+        for picks in itertools.product(*(range(len(c)) for c in p.choices)):
+            if not (whole_meets(picks) and meets(p, picks, limits)):
+                continue  # the knapsack only proposes what its own (additive) costs allow
+            if any(sum(a != b for a, b in zip(picks, o, strict=True)) < 2 for o in earlier):
+                continue
+            best = p.drop(picks) if best is None else min(best, p.drop(picks))
+        assert sol.drop == pytest.approx(best, abs=1e-9)
+        earlier.append(sol.picks)
+
+
+def test_the_whole_solution_checks_are_bounded():
+    p = problem()
+    calls = []
+
+    def never(picks):
+        calls.append(picks)
+        return {LAT: 1e9}
+
+    assert solve(p, {LAT: 20.0}, k=3, exact=never, max_checks=5) == []
+    assert len(calls) == 5 and len(set(calls)) == 5  # each rejected solution is cut off alone
+
+
 def test_equal_drops_prefer_headroom():
     # both choices of rule "b" drop nothing; the faster one is taken
     p = Problem(("a", "b"), [[0, 1], [0, 1]], [[0.0, 1.0], [0.0, 0.0]],
