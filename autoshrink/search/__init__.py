@@ -15,6 +15,7 @@ functions over ``FrozenTrial`` lists).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -320,10 +321,12 @@ def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: S
                   f"({len(found['probes'])} probes, {found['seconds']:.0f} s); tried first")
     first, *rest = [(cand, Proposer.BASELINE) for cand in baselines(space, space_defaults(space), edge)]
     proposed = [(cand, Proposer.SOLVER) for cand in _proposals(task, space, budget, config, study, found)]
-    for cand, origin in [first, *proposed, *rest][:config.trials]:
-        # (more would stay WAITING in the study)
-        study.enqueue_trial(space.candidate_params(cand), user_attrs={TrialAttr.PROPOSED_BY: origin},
-                            skip_if_exists=True)
+    queue: dict[str, tuple[dict, str]] = {}  # a proposal equal to a baseline takes no slot of its own
+    for cand, origin in [first, *proposed, *rest]:
+        params = space.candidate_params(cand)
+        queue.setdefault(json.dumps(params, sort_keys=True), (params, origin))
+    for params, origin in list(queue.values())[:config.trials]:  # (more would stay WAITING in the study)
+        study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: origin}, skip_if_exists=True)
 
 
 def _proposals(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, study, probed: dict | None):

@@ -263,6 +263,11 @@ def test_proposals_are_enqueued_after_the_budget_edge_and_marked(monkeypatch, ca
     # the trial count caps proposals as it caps baselines
     study, _ = _enqueue(monkeypatch, found, trials=2)
     assert [t.user_attrs[TrialAttr.PROPOSED_BY] for t in study.trials] == [Proposer.BASELINE, Proposer.SOLVER]
+    # a proposal equal to the edge baseline takes no slot: the next proposal comes second
+    same = Proposals(candidates=[cand(space, {"all": Choice(8, 0.25)}), *picks], solutions=[{}, {}, {}])
+    study, _ = _enqueue(monkeypatch, same, trials=2)
+    assert [t.system_attrs[FIXED_PARAMS] for t in study.trials] == [{"bits.all": 8, "prune.all": 0.25},
+                                                                     {"bits.all": 4, "prune.all": 0.25}]
 
 
 def test_no_solver_and_a_failed_solver_enqueue_the_baselines_alone(monkeypatch, capsys):
