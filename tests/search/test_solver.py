@@ -282,3 +282,24 @@ def test_no_solver_and_a_failed_solver_enqueue_the_baselines_alone(monkeypatch, 
     assert len(study.trials) == 2  # the edge, then the next step up
     assert any("the solver failed (RuntimeError: boom)" in line for line in study.user_attrs[StudyAttr.WARNINGS])
     assert "warning: solver: 0 proposals in 2 s; the solver failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flag", "solver"), [([], True), (["--no-solver"], False)])
+def test_the_command_line_turns_the_solver_off(monkeypatch, flag, solver):
+    import autoshrink as ash
+    from autoshrink import cli
+
+    got = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_search(task, space, budget, **kwargs):
+        got.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(ash, "search", fake_search)
+    monkeypatch.setattr(cli, "_build_task", lambda args: None)
+    monkeypatch.setattr(cli, "_check_reachable_early", lambda *a, **k: None)
+    assert cli.main(["search", "--budget-ms", "5", *flag]) == 1  # Stop: an internal error, after the call
+    assert got["solver"] is solver
