@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                         "onnxruntime and openvino are extras: pip install \"autoshrink[onnxruntime]\")")
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--no-solver", action="store_true", help="do not try the sensitivity x latency-table proposals first")
+    s.add_argument("--no-solver", action="store_true", help="skip the sensitivity x latency-table proposals")
     _device_arg(s)
     s.add_argument("--gpus-per-trial", type=_positive(float), default=None, metavar="G",
                    help="GPUs Ray gives each trial (default 1 with a GPU device; 0.5 packs two on one GPU)")
