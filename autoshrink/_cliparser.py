@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
                         "accuracy goal on this machine)")
     s.add_argument("--no-early-stopping", action="store_true")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-solver", action="store_true", help="skip the sensitivity x latency-table proposals")
     device_arg(s)
     s.add_argument("--gpus-per-trial", type=positive(float), default=None, metavar="G",
                    help="GPUs Ray gives each trial (default 1 with a GPU device; 0.5 packs two on one GPU)")

@@ -90,7 +90,7 @@ def _cmd_search(args) -> int:
         latency_threads=args.latency_threads, early_stopping=not args.no_early_stopping,
         progress=not args.no_progress, max_drop=args.max_drop,
         minutes=args.minutes if args.minutes and args.minutes > 0 else None, runtime=args.runtime,
-        device=args.device, gpus_per_trial=args.gpus_per_trial,
+        device=args.device, gpus_per_trial=args.gpus_per_trial, solver=not args.no_solver,
         predictor_screening={"auto": None, "on": True, "off": False}[args.predictor_screening],
         warm_start=args.warm_start,
     )

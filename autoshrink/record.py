@@ -32,6 +32,7 @@ __all__ = [
     "STUDY_DIRECTIONS",
     "TEACHER_LATENCY_MS_DRIVER",
     "Direction",
+    "Proposer",
     "Reason",
     "State",
     "StudyAttr",
@@ -148,11 +149,12 @@ class StudyAttr:
     # the latency predictor's screening: {"on", "why", "machine", "tau", "median_error", "examples"}
     PREDICTOR_SCREENING = "predictor_screening"
     COMPILATIONS_SAVED = "compilations_saved"  # candidates the predictor screened: never compiled nor timed
+    SOLVER = "solver"  # autoshrink.search.solver.Proposals.record(): the proposals, their predictions, seconds
 
     ALL = (SPACE_FINGERPRINT, SPACE_SOURCE, SPACE, BUDGET, TASK, TASK_DESCRIPTION, TEACHER, KIND,
            SAMPLER, SEED, TRIALS, MAX_DROP, BUDGET_EDGE, TIMED_OUT, LATENCY_MEASURED_ON, DEVICE,
            GPUS_PER_TRIAL, RUNTIME, DEPLOYED, TEST_SCORES, WARNINGS, MACHINE_LOAD, TEACHER_FINGERPRINT,
-           WARM_START, PREDICTOR_SCREENING, COMPILATIONS_SAVED)
+           WARM_START, PREDICTOR_SCREENING, COMPILATIONS_SAVED, SOLVER)
 
 
 #: ``StudyAttr.KIND`` of a sweep
@@ -188,6 +190,7 @@ class TrialAttr:
     # bookkeeping
     DRIVER = "driver"  # "host:pid" of the driver that asked for it
     RERUN_OF = "rerun_of"  # the interrupted trial this one re-runs
+    PROPOSED_BY = "proposed_by"  # an enqueued trial's origin: Proposer.SOLVER or Proposer.BASELINE
     # sweeps: the given candidate (flat) and its position in the list given
     CANDIDATE_PARAMS = "candidate_params"
     CANDIDATE_INDEX = "candidate_index"
@@ -210,9 +213,16 @@ class TrialAttr:
 
     ALL = (ACCURACY, ACCURACY_SE, LATENCY_MS, LATENCY_IQR_MS, SIZE_MB, MMACS, BOPS, PARAMS,
            MEETS_BUDGET, FINETUNE_S, COMPRESS_S, MEASURE_S, EVALUATE_S, ERROR, HISTORY, LAYERS,
-           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, CANDIDATE_PARAMS, CANDIDATE_INDEX,
+           SKIPPED_LAYERS, CANDIDATE, DRIVER, RERUN_OF, PROPOSED_BY, CANDIDATE_PARAMS, CANDIDATE_INDEX,
            FINETUNE_DEVICE, RUNTIME, RUNTIME_VERSION, LATENCY_THREADS, RUNTIME_FP32_LAYERS, FP32_LAYERS,
            UNPRUNED_GROUPS, UNCOUNTED_OPS, PATCH_WARNINGS, WARM_FROM, PREDICTED_LATENCY_MS, LATENCY_STRUCTURE)
+
+
+class Proposer:
+    """``TrialAttr.PROPOSED_BY`` values: who enqueued a trial before the sampler's first one."""
+
+    SOLVER = "solver"  # autoshrink.search.solver
+    BASELINE = "baseline"  # autoshrink.search.baselines
 
 
 #: the metrics a finished trial stores, in ``TrialResult.metrics()`` terms

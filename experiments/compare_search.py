@@ -1,7 +1,10 @@
 """Does the search pay? autoshrink (TPE + baselines) vs random search vs the hand baseline, at
 equal trial counts, on one task and latency budget, for several seeds.
 
-- ``autoshrink``: ``ash.search`` with TPE, the uniform baselines enqueued first;
+- ``autoshrink``: ``ash.search`` with TPE, the budget-edge baseline enqueued first, then the
+  solver's proposals (sensitivity × latency table, :mod:`autoshrink.search.solver`), then the
+  other uniform baselines;
+- ``autoshrink-nosolver``: the same without the solver's proposals (``solver=False``);
 - ``random``: ``ash.search`` with the random sampler and no baselines (same space, same gate);
 - ``hand``: what an engineer would do by hand: uniform int8 plus one uniform pruning ratio,
   bisected on *measured* latency (no fine-tuning) to the smallest ratio that meets the budget,
@@ -15,6 +18,7 @@ spent fine-tuning candidates that ended up over the budget: the gate should keep
 Usage:
     python experiments/compare_search.py --trials 30 --seeds 3 --out runs/compare.csv   # the full one
     python experiments/compare_search.py --task tiny --trials 6 --seeds 1 --out runs/compare-tiny.csv
+    python experiments/compare_search.py --methods autoshrink,autoshrink-nosolver ...   # a subset
 
 Read the figures with the latency noise in mind: on a shared machine a median can move by 10 %
 between two measurements of one model, so keep the budget away from where the baselines sit, and
@@ -38,6 +42,7 @@ import autoshrink as ash
 from autoshrink.record import OBJECTIVES, State
 from autoshrink.search import space_defaults
 
+METHODS = ("autoshrink", "autoshrink-nosolver", "random", "hand")
 COLUMNS = ["method", "seed", "best_accuracy", "best_latency_ms", "hypervolume", "wall_s",
            "infeasible_finetune_s", "trials", "feasible_trials", "finetune_s_total"]
 
@@ -135,10 +140,10 @@ def summarise(df: pd.DataFrame, budget_ms: float) -> dict:
     }
 
 
-def run_search(task, space, budget, trials, seed, workers, out, sampler, baselines) -> dict:
+def run_search(task, space, budget, trials, seed, workers, out, sampler, baselines, solver=False) -> dict:
     start = time.perf_counter()
     result = ash.search(task, space, budget, trials=trials, workers=workers, out=out, seed=seed,
-                        sampler=sampler, enqueue_baselines=baselines, progress=False)
+                        sampler=sampler, enqueue_baselines=baselines, progress=False, solver=solver)
     wall = time.perf_counter() - start
     return {"wall_s": wall, **summarise(result.trials, budget.latency_ms)}
 
@@ -210,8 +215,13 @@ def main() -> None:
     p.add_argument("--budget-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--runs-dir", default=None, help="where the searches' run folders go")
-    p.add_argument("--methods", default="autoshrink,random,hand")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
     args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown or args.methods!r}; choose from {', '.join(METHODS)}")
 
     task, space = task_and_space(args.task)
     budget = ash.Budget(latency_ms=args.budget_ms)
@@ -222,16 +232,15 @@ def main() -> None:
           f"workers {args.workers or 'default'}, {os.cpu_count()} cores")
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for method in args.methods.split(","):
+        for method in methods:
             folder = runs / f"{method}-seed{seed}"
-            if method == "autoshrink":
-                figures = run_search(task, space, budget, args.trials, seed, args.workers, folder, "tpe", True)
+            if method in ("autoshrink", "autoshrink-nosolver"):
+                figures = run_search(task, space, budget, args.trials, seed, args.workers, folder, "tpe", True,
+                                     solver=method == "autoshrink")
             elif method == "random":
                 figures = run_search(task, space, budget, args.trials, seed, args.workers, folder, "random", False)
-            elif method == "hand":
-                figures = run_hand(task, space, budget, seed, folder)
             else:
-                raise SystemExit(f"unknown method {method!r}; choose from autoshrink, random, hand")
+                figures = run_hand(task, space, budget, seed, folder)
             rows.append({"method": method, "seed": seed, **figures})
             print(f"  {method} seed {seed}: " + ", ".join(
                 f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()), flush=True)

@@ -15,12 +15,13 @@ functions over ``FrozenTrial`` lists).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 from autoshrink import _env
 from autoshrink.budget import Budget
-from autoshrink.record import METRIC_ATTRS, NOT_COUNTED, Reason, StudyAttr, TrialAttr
+from autoshrink.record import METRIC_ATTRS, NOT_COUNTED, Proposer, Reason, StudyAttr, TrialAttr
 from autoshrink.search.baselines import FirstChoice, as_sampled, baselines, space_defaults
 from autoshrink.search.config import (
     DEFAULT_LATENCY_TARGET,
@@ -124,6 +125,7 @@ def search(
     runtime: str = "inductor",
     warm_start: str | os.PathLike | None = None,
     predictor_screening: bool | None = None,
+    solver: bool = True,
 ):
     """Search for the best compression of ``task.model`` under ``budget``.
 
@@ -180,6 +182,11 @@ def search(
             the predictor meets its goal on this machine (held-out τ ≥ 0.9, median error ≤ 10 %);
             True: wherever it is calibrated; False: never. The study records whether it was on and
             why (``StudyAttr.PREDICTOR_SCREENING``) and the compilations it saved.
+        solver: with a budget, in a new study, enqueue up to 3 proposals right after the
+            budget-edge baseline: the choices per rule that minimise the summed no-fine-tune
+            accuracy drop under the predicted budget (:mod:`autoshrink.search.solver`). Each is
+            still measured for real by the gate. Only with ``enqueue_baselines``; off for
+            ``sampler="grid"`` (it tries every point).
 
     Returns:
         A :class:`autoshrink.result.SearchResult`.
@@ -249,6 +256,7 @@ def search(
         early_stopping=early_stopping, enqueue_baselines=enqueue_baselines, progress=progress,
         max_drop=max_drop, latency_target=latency_target, screening=screening, minutes=minutes,
         predictor_screening=predictor_screening,
+        solver=solver and sampler != "grid",
     )
     return _run(task, space, budget, config, sampler_obj, load, warm=warm, teacher=teacher)
 
@@ -328,8 +336,9 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
 
 def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, study) -> None:
     """The uniform int8 baselines, first in a new study; under a latency budget timed here,
-    starting at the budget edge."""
+    starting at the budget edge; the solver's proposals right after that first baseline."""
     edge = None
+    found = None
     if config.time_here and budget.latency_ms is not None:
         found = budget_edge(task, space, budget, config.settings)
         study.set_user_attr(StudyAttr.BUDGET_EDGE, found)
@@ -343,7 +352,33 @@ def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: S
         if edge is not None and config.progress:
             print(f"budget edge: uniform int8 pruned {edge:.1%} meets {budget.describe()} "
                   f"({len(found['probes'])} probes, {found['seconds']:.0f} s); tried first")
-    for cand in baselines(space, space_defaults(space), edge)[:config.trials]:
-        # (more would stay WAITING in the study)
-        study.enqueue_trial(space.candidate_params(cand), skip_if_exists=True)
+    first, *rest = [(cand, Proposer.BASELINE) for cand in baselines(space, space_defaults(space), edge)]
+    proposed = [(cand, Proposer.SOLVER) for cand in _proposals(task, space, budget, config, study, found)]
+    queue: dict[str, tuple[dict, str]] = {}  # a proposal equal to a baseline takes no slot of its own
+    for cand, origin in [first, *proposed, *rest]:
+        params = space.candidate_params(cand)
+        queue.setdefault(json.dumps(params, sort_keys=True), (params, origin))
+    for params, origin in list(queue.values())[:config.trials]:  # (more would stay WAITING in the study)
+        study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: origin}, skip_if_exists=True)
 
+
+def _proposals(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, study, probed: dict | None):
+    """The solver's proposals (:func:`autoshrink.search.solver.propose`), recorded and said;
+    none when it is off, when the budget sets no limit, or when latency is timed elsewhere."""
+    from autoshrink.search.solver import propose
+
+    limits = budget.constraints()
+    if not config.solver or not limits or (TrialAttr.LATENCY_MS in limits and not config.time_here):
+        return []
+    # the budget-edge probes were timed as trials time: they anchor the latency table's predictions
+    anchors = [(as_sampled(space, baselines(space, space_defaults(space), edge=p[0])[0]), p[1])
+               for p in (probed or {}).get("probes", []) if p[1]]
+    anchors = sorted(anchors, key=lambda a: abs(a[1] - budget.latency_ms))[:2] if anchors else []
+    found = propose(task, space, budget, latency_threads=config.settings.latency_threads,
+                    runtime=config.settings.runtime, anchors=anchors)
+    study.set_user_attr(StudyAttr.SOLVER, found.record())
+    if found.warning:
+        add_warnings(study, [found.line()])
+    if config.progress:
+        print(found.line() if not found.warning else f"warning: {found.line()}")
+    return found.candidates

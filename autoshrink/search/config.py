@@ -136,6 +136,7 @@ class SearchConfig:
     screening: bool
     minutes: float | None
     predictor_screening: bool | None = None
+    solver: bool = True  # enqueue the solver's proposals after the budget-edge baseline (autoshrink.search.solver)
 
     @property
     def runtime(self) -> str:

@@ -216,7 +216,7 @@ def test_a_failed_budget_edge_probe_is_shown(tmp_path, monkeypatch, capsys):
     study = optuna.create_study(directions=STUDY_DIRECTIONS)
     space = ash.SearchSpace.from_dict({"layers": [{"pattern": "*", "bits": [8], "prune": [0.0, 0.5]}]},
                                       source="s.yaml")
-    config = types.SimpleNamespace(time_here=True, settings=TrialSettings(), progress=True, trials=1)
+    config = types.SimpleNamespace(time_here=True, settings=TrialSettings(), progress=True, trials=1, solver=False)
     search_pkg._enqueue_baselines(None, space, BUDGET, config, study)
     assert "budget-edge probe failed (probe 0.25: Int8CompileError)" in capsys.readouterr().out
     assert any("budget-edge probe failed" in line for line in study.user_attrs[StudyAttr.WARNINGS])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,28 @@ def test_the_budget_edge_is_tried_first(run, tiny_space):
     first = result.trials.sort_values("number").iloc[0]
     params = tiny_space.candidate_params(baselines(tiny_space, space_defaults(tiny_space), found["prune"])[0])
     assert {k: first[f"param_{k}"] for k in params} == params
+
+
+def test_the_solver_proposals_follow_the_budget_edge(run):
+    # the solver's proposals (sensitivity x latency table) come right after the budget-edge
+    # baseline, each marked, and the study records what the solver did
+    import optuna
+
+    from autoshrink.record import Proposer, TrialAttr
+
+    _, out = run
+    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{out / 'study.db'}")
+    found = study.user_attrs[StudyAttr.SOLVER]
+    assert not found["warning"], found
+    assert 1 <= len(found["proposals"]) <= 3 and found["seconds"] > 0
+    for proposal in found["proposals"]:
+        assert proposal["drop"] >= 0 and proposal["predicted"]["size_mb"] <= 0.0125 + 1e-9
+    origins = [t.user_attrs.get(TrialAttr.PROPOSED_BY) for t in sorted(study.trials, key=lambda t: t.number)]
+    enqueued = [o for o in origins if o is not None]
+    # the edge baseline, then the proposals, then (if trials were left) the other baselines
+    pattern = "".join("s" if o == Proposer.SOLVER else "b" for o in enqueued)
+    assert re.fullmatch(r"bs+b*", pattern), enqueued
+    assert origins[:len(enqueued)] == enqueued  # before any sampled trial
 
 
 def test_the_report_compares_the_choice_with_the_hand_baseline(run):
