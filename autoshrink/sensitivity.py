@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from autoshrink.space import LayerRule, SearchSpace
     from autoshrink.task import Task
 
-__all__ = ["COLUMNS", "narrow_space", "plot_sensitivity", "sensitivity"]
+__all__ = ["COLUMNS", "narrow_space", "plot_sensitivity", "reestimate_batchnorm", "sensitivity"]
 
 #: Columns of the table :func:`sensitivity` returns.
 COLUMNS = ("layer", "kind", "value", "accuracy", "drop", "params")
@@ -74,7 +74,8 @@ def sensitivity(
     Every measurement changes one layer (``by="layer"``) or all layers of one search-space rule
     (``by="rule"``, first matching rule wins as in the search) and leaves the rest of the model
     fp32 and unpruned; nothing is fine-tuned. A quantized setting is calibrated (PTQ) on
-    ``task.calibration_batches()`` and evaluated lowered; a pruned one is evaluated in fp32.
+    ``task.calibration_batches()`` and evaluated lowered; a pruned one is evaluated in fp32, its
+    BatchNorm statistics re-estimated on the same batches (:func:`reestimate_batchnorm`).
     The 32-bit and 0.0-prune settings are the teacher itself (drop 0) and are not measured.
 
     Pruning follows dependencies: a layer coupled to others (the convolutions feeding one
@@ -227,10 +228,41 @@ def _measure(
     else:
         candidate = Candidate(prune={n: float(value) for n in layers}, default_bits=32)
         compressed = compress(task.model, candidate, x)
-        model = compressed.pruned.eval()
+        model = reestimate_batchnorm(compressed.pruned, calibration)
     params = sum(p.numel() for p in compressed.pruned.parameters())
     accuracy, _ = task.evaluate(model, limit=limit, device=device)
     return float(accuracy), int(params)
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Sequence[Any]) -> nn.Module:
+    """``model`` in eval mode, its BatchNorm running statistics re-estimated on ``batches``.
+
+    Removing channels changes the statistics of every BatchNorm after them; the stored ones are
+    the unpruned model's, so a pruned model scored with them understates what the structure
+    keeps (the drop is mostly stale statistics, fixed by the first fine-tune steps). As
+    Once-for-all scores its sub-networks, the statistics are reset and averaged again over a few
+    training batches (forward only, no gradient, no weight changes). A model without BatchNorm,
+    or no batches, is returned as it is, in eval mode.
+    """
+    import torch
+    from torch import nn
+
+    from autoshrink import _batches
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or not batches:
+        return model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, not an exponential one
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            _batches.call(model, batch)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()
 
 
 def _check_bits(bits: Sequence[int]) -> list[int]:

@@ -240,3 +240,26 @@ def test_narrow_by_rule_table_uses_rule_labels() -> None:
 def test_narrow_errors(df, kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         narrow_space(SPACE, df, **kwargs)
+
+
+def test_reestimated_batchnorm_statistics_are_the_batches_own() -> None:
+    """A pruned setting is scored with BatchNorm statistics of the pruned model (as
+    Once-for-all scores sub-networks), averaged over the calibration batches; no weight moves."""
+    import torch
+    from torch import nn
+
+    from autoshrink.sensitivity import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU())
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [torch.randn(8, 3, 6, 6) * 3 + 1 for _ in range(3)]
+    out = reestimate_batchnorm(model, batches)
+    assert out is model and not model.training and model[1].momentum == 0.3
+    with torch.no_grad():
+        feats = torch.cat([model[0](b) for b in batches])
+    torch.testing.assert_close(model[1].running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    for k, v in before.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    plain = nn.Linear(3, 2).train()
+    assert reestimate_batchnorm(plain, batches) is plain and not plain.training

@@ -73,7 +73,7 @@ DEFAULT_LIMIT = 256
 #: the metrics a budget limits, in the order they are reported
 METRICS = (TrialAttr.LATENCY_MS, TrialAttr.SIZE_MB, TrialAttr.MMACS)
 _RULE_KNOB = re.compile(r"^layers\[(\d+)\]\.(bits|prune)$")
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"  # v2: pruned settings scored with re-estimated BatchNorm statistics
 
 
 # --------------------------------------------------------------------------------------------
