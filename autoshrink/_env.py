@@ -24,7 +24,10 @@ NOISE_WARNINGS = (
     (UserWarning, r".*", r"torchao"),
 )
 NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "torch._inductor", "torch.export",
-                 "torch.fx.experimental.symbolic_shapes", "ray", "optuna")
+                 "torch.fx.experimental.symbolic_shapes", "ray", "optuna",
+                 # the ONNX exporter (ONNX Runtime / OpenVINO builds), on every export: "torchvision is
+                 # not installed. Skipping torchvision::nms" and the like
+                 "torch.onnx._internal.exporter._registration")
 
 _DONE = False
 

@@ -307,7 +307,7 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
                 lines = finalize(task, study, budget, config.out, latency_runs=config.settings.latency_runs,
                                  latency_threads=config.settings.latency_threads,
                                  lock_dir=config.settings.lock_dir, max_drop=config.max_drop,
-                                 meter=driver.meter, say=say)
+                                 meter=driver.meter, say=say, runtime=config.runtime)
             except Exception as exc:  # noqa: BLE001 - the trials are done: keep them, and say what is missing
                 lines = add_warnings(study, [f"the finalists were not re-timed or scored on the test split "
                                              f"({type(exc).__name__}: {exc}); figures are the trials' own"])

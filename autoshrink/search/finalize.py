@@ -57,6 +57,7 @@ def finalize(
     meter=None,
     retimer: Callable[[list[int]], Mapping[int, Mapping[str, float] | str]] | None = None,
     say: Callable[[str], None] | None = None,
+    runtime: str = "inductor",
 ) -> list[str]:
     """Re-time the finalists, choose again on the deployed figure, score the test split.
 
@@ -71,6 +72,8 @@ def finalize(
         meter: a ``LatencyMeter`` actor on the latency target, or None (re-time here).
         retimer: trial numbers -> deployed figures (default: a :class:`TrialRetimer`; tests fake it).
         say: prints a line (None: silent).
+        runtime: the runtime the trials were timed and evaluated in: the finalists are re-timed,
+            and the test split scored, from that runtime's artifact beside each ``model.pt2``.
 
     Returns:
         The warnings added to the study's ``WARNINGS``.
@@ -89,7 +92,7 @@ def finalize(
     if latency_runs > 0:
         if retimer is None:
             retimer = TrialRetimer(lambda n: artifact_path(out, n), task.example_input, meter=meter,
-                                   threads=latency_threads, lock_dir=lock_dir)
+                                   threads=latency_threads, lock_dir=lock_dir, runtime=runtime)
 
         def measure(numbers: list[int]) -> Mapping[int, Mapping[str, float] | str]:
             say(f"re-timing {len(numbers)} finalist(s) as shipped (trials {', '.join(map(str, numbers))}), "
@@ -111,11 +114,9 @@ def finalize(
     if deployed:
         study.set_user_attr(StudyAttr.DEPLOYED, deployed)
     if task.test_data is not None and len(chosen.trials):
-        from autoshrink.export import load_deployable
-
         def score(number: int) -> tuple[float, float | None]:
-            model = load_deployable(artifact_path(out, number))
-            return task.evaluate(model, fixed_batch=True, split="test")
+            return task.evaluate(_shipped(runtime, artifact_path(out, number), latency_threads),
+                                 fixed_batch=True, split="test")
 
         scores, notes = score_test_split(chosen, score, constraints)
         if scores:
@@ -125,3 +126,15 @@ def finalize(
     else:
         lines.append(NO_TEST_SPLIT)
     return add_warnings(study, lines)
+
+
+def _shipped(runtime: str, path: Path, threads: int):
+    """Trial's shipped model, opened as its runtime runs it (Inductor: ``model.pt2`` compiled;
+    another runtime: its own artifact beside it, as the trial evaluated it)."""
+    if runtime == "inductor":
+        from autoshrink.export import load_deployable
+
+        return load_deployable(path)
+    from autoshrink.runtimes import get as get_runtime
+
+    return get_runtime(runtime).load(path.parent, threads=threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,19 @@ def test_best_model_runs_in_that_runtime_alone_as_recorded(tiny_task, tiny_space
     recorded, iqr = float(best["latency_ms"]), float(best["latency_iqr_ms"])
     assert _within_recorded_spread(fresh["median_ms"], recorded, iqr), (fresh["median_ms"], recorded, iqr)
     assert fresh["median_ms"] <= BUDGET_MS
+    # experiments/check_runtime_export.py, the done-when check, passes on it too (against the re-timing
+    # of the shipped model.onnx, with the noise floor above); its OpenVINO twin is in test_check_runtime_export
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_runtime_export", Path(__file__).resolve().parents[2]
+                                                  / "experiments" / "check_runtime_export.py")
+    checker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checker)
+    np.savez(tmp_path / "val.npz", x=xv.numpy(), y=yv.numpy())
+    assert best["latency_source"] == "deployed"
+    report = tmp_path / "check.json"
+    code = checker.main([str(out), "--val-npz", str(tmp_path / "val.npz"), "--slack", "0.5", "--json", str(report)])
+    assert code == 0, json.loads(report.read_text())["checks"]
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])

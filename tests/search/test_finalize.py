@@ -220,3 +220,44 @@ def test_a_failed_budget_edge_probe_is_shown(tmp_path, monkeypatch, capsys):
     search_pkg._enqueue_baselines(None, space, BUDGET, config, study)
     assert "budget-edge probe failed (probe 0.25: Int8CompileError)" in capsys.readouterr().out
     assert any("budget-edge probe failed" in line for line in study.user_attrs[StudyAttr.WARNINGS])
+
+
+def test_a_search_in_another_runtime_re_times_and_scores_that_runtimes_artifact(tmp_path, monkeypatch):
+    """Not model.pt2 in Inductor under the runtime's name: the re-timing process is asked for the
+    runtime (its artifact beside model.pt2), and the test split is scored by the runtime's loader."""
+    import autoshrink.export
+    import autoshrink.measure.remeasure
+    import autoshrink.runtimes
+
+    study = _study(tmp_path, [(95.0, 4.8), (94.0, 4.0)])
+    made = {}
+
+    class Recorder(FakeRetimer):
+        def __init__(self, artifact, example_input, **kwargs):
+            super().__init__({0: 4.7, 1: 4.1})
+            made.update(kwargs)
+
+    monkeypatch.setattr(autoshrink.measure.remeasure, "TrialRetimer", Recorder)
+    monkeypatch.setattr(autoshrink.export, "load_deployable",
+                        lambda path: pytest.fail(f"{path} was opened in Inductor in an onnxruntime search"))
+    opened = []
+
+    class FakeRuntime:
+        def load(self, folder, *, threads):
+            opened.append((str(folder), threads))
+            return f"ort:{folder}"
+
+    monkeypatch.setattr(autoshrink.runtimes, "get", lambda name: FakeRuntime() if name == "onnxruntime"
+                        else pytest.fail(name))
+    scored = []
+
+    def evaluate(model, *, fixed_batch, split):
+        scored.append(model)
+        return (91.0, 0.5)
+
+    task = types.SimpleNamespace(example_input=None, test_data=object(), evaluate=evaluate)
+    finalize(task, study, BUDGET, tmp_path, latency_threads=2, runtime="onnxruntime")
+    assert made["runtime"] == "onnxruntime" and made["threads"] == 2
+    folders = sorted(str(artifact_path(tmp_path, n).parent) for n in (0, 1))
+    assert sorted(f for f, _ in opened) == folders and {t for _, t in opened} == {2}
+    assert sorted(scored) == [f"ort:{f}" for f in folders]
