@@ -8,7 +8,7 @@ import math
 import pytest
 
 from autoshrink.record import FIXED_PARAMS, TrialAttr
-from autoshrink.search.solver import Choice, Problem, rule_choices, solve, to_candidate
+from autoshrink.search.solver import Choice, Problem, reference_choice, rule_choices, solve, to_candidate
 
 LAT, SIZE = TrialAttr.LATENCY_MS, TrialAttr.SIZE_MB
 
@@ -303,3 +303,38 @@ def test_the_command_line_turns_the_solver_off(monkeypatch, flag, solver):
     monkeypatch.setattr(cli, "_check_reachable_early", lambda *a, **k: None)
     assert cli.main(["search", "--budget-ms", "5", *flag]) == 1  # Stop: an internal error, after the call
     assert got["solver"] is solver
+
+
+def test_costs_are_taken_at_the_int8_operating_point_where_transitions_add_up(monkeypatch):
+    """A chain of three rules whose latency is each layer's cost plus 0.2 ms per fp32<->int8
+    boundary (the input and output are fp32): measured from all-int8, the summed costs give
+    all-int8 exactly, so a budget only all-int8 meets is feasible. From the fp32 teacher each
+    rule's int8 paid for two boundaries and all-int8 summed to 2.7 ms instead of 1.9 ms."""
+    import pandas as pd
+
+    from autoshrink import SearchSpace
+    from autoshrink.search import solver as solver_mod
+    from autoshrink.sensitivity import COLUMNS
+
+    space = SearchSpace.from_dict({"layers": [
+        {"name": "stem", "pattern": "conv1", "bits": [32, 8]},
+        {"name": "body", "pattern": "layer1", "bits": [32, 8]},
+        {"name": "head", "pattern": "fc", "bits": [32, 8]},
+    ]})
+    order = ["conv1", "layer1", "fc"]
+
+    class ChainCost:
+        metrics = [LAT]
+
+        def __call__(self, cand):
+            bits = [cand.bits.get(n, cand.default_bits) for n in order]
+            q = [False, *(b < 32 for b in bits), False]  # fp32 in, fp32 out
+            boundaries = sum(a != b for a, b in zip(q[:-1], q[1:], strict=True))
+            return {LAT: sum(0.5 if b < 32 else 1.0 for b in bits) + 0.2 * boundaries}
+
+    monkeypatch.setattr(solver_mod, "sensitivity_table", lambda *a, **k: (pd.DataFrame(columns=list(COLUMNS)), True))
+    problem, _ = solver_mod.measure_problem(None, space, ChainCost())
+    int8 = tuple(row.index(Choice(8, None)) for row in problem.choices)
+    assert problem.predicted(int8)[LAT] == pytest.approx(1.9)
+    assert [s.picks for s in solve(problem, {LAT: 2.0}, k=1)] == [int8]
+    assert [reference_choice(c) for _, c in rule_choices(space)] == [Choice(8, None)] * 3
