@@ -205,6 +205,47 @@ def run_hand(task, space, budget, seed, out, iterations: int = 5, high: float = 
     return {"wall_s": wall, **summarise(df, budget.latency_ms)}
 
 
+def hypervolume_after(df: pd.DataFrame, fine_tuned: int, budget_ms: float) -> float:
+    """The hypervolume of a run's trials up to its ``fine_tuned``-th fine-tuned trial (by trial
+    number; the candidates the gate rejected on the way count, as they did in the run)."""
+    df = df.sort_values("number")
+    tuned = df[df["finetune_s"].fillna(0) > 0]
+    if len(tuned) > fine_tuned:
+        df = df[df["number"] <= tuned["number"].iloc[fine_tuned - 1]]
+    return ash.hypervolume(df, OBJECTIVES, reference={"accuracy": 0.0, "latency_ms": budget_ms})
+
+
+def report(table: pd.DataFrame, runs: Path, trials: int, budget_ms: float) -> str:
+    """The Markdown summary of a comparison: per method the mean best accuracy, the seed-paired
+    difference of autoshrink's best accuracy to each other method with its standard error, the
+    mean hypervolume, the hypervolume autoshrink had after half the trials, and the wall time."""
+    import math
+
+    rows = ["| method | best accuracy (mean) | autoshrink − method, seed-paired (± s.e.) | hypervolume "
+            f"(mean) | hypervolume after {trials // 2} fine-tunes | wall s (mean) |",
+            "|---|---|---|---|---|---|"]
+    ours = table[table["method"] == "autoshrink"].set_index("seed")
+    for method, group in table.groupby("method", sort=False):
+        g = group.set_index("seed")
+        paired = "—"
+        if method != "autoshrink" and len(ours):
+            diff = (ours["best_accuracy"] - g["best_accuracy"]).dropna()
+            if len(diff) > 1:
+                se = diff.std(ddof=1) / math.sqrt(len(diff))
+                paired = f"{diff.mean():+.2f} ± {se:.2f} (n={len(diff)})"
+            elif len(diff):
+                paired = f"{diff.mean():+.2f} (n=1)"
+        half = []
+        for seed in g.index:
+            path = runs / f"{method}-seed{seed}" / "trials.csv"
+            if method != "hand" and path.is_file():
+                half.append(hypervolume_after(pd.read_csv(path), trials // 2, budget_ms))
+        half_text = f"{sum(half) / len(half):.2f}" if half else "—"
+        rows.append(f"| {method} | {g['best_accuracy'].mean():.2f} % | {paired} | {g['hypervolume'].mean():.2f} | "
+                    f"{half_text} | {g['wall_s'].mean():.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=30)
@@ -217,7 +258,13 @@ def main() -> None:
     p.add_argument("--runs-dir", default=None, help="where the searches' run folders go")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the summary of an earlier --out CSV and its --runs-dir, running nothing")
     args = p.parse_args()
+    if args.report_only:
+        runs = Path(args.runs_dir or Path(args.out).with_suffix(""))
+        print(report(pd.read_csv(args.out), runs, args.trials, args.budget_ms))
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -254,6 +301,8 @@ def main() -> None:
     print()
     print(table.groupby("method")[["best_accuracy", "best_latency_ms", "hypervolume", "wall_s",
                                    "infeasible_finetune_s"]].mean().to_string(float_format=lambda v: f"{v:.3f}"))
+    print()
+    print(report(table, runs, args.trials, args.budget_ms))
 
 
 if __name__ == "__main__":
