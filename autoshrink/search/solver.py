@@ -59,6 +59,8 @@ __all__ = [
     "Problem",
     "Proposals",
     "Solution",
+    "SolverTimeout",
+    "default_seconds",
     "measure_problem",
     "propose",
     "reference_choice",
@@ -438,14 +440,18 @@ class Coster:
         ValueError: a latency metric without a ``predictor``.
     """
 
-    def __init__(self, task: Task, metrics: Sequence[str], predictor: Any = None, latency_scale: float = 1.0) -> None:
+    def __init__(self, task: Task, metrics: Sequence[str], predictor: Any = None, latency_scale: float = 1.0,
+                 deadline: float | None = None) -> None:
         if TrialAttr.LATENCY_MS in metrics and predictor is None:
             raise ValueError("a latency budget needs a latency predictor")
         self.task, self.metrics, self.predictor, self.latency_scale = task, list(metrics), predictor, latency_scale
+        self.deadline = deadline  # time.monotonic() past which a costing raises SolverTimeout
         self._plan: Any = None
         self._pruned: Any = None  # one pruned copy at a time: a ResNet-18 is 45 MB
 
     def __call__(self, cand: Candidate) -> dict[str, float]:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise SolverTimeout
         from autoshrink.compress import compress
         from autoshrink.compress.quantize import layer_bits, unsupported_layers
         from autoshrink.measure.flops import model_cost
@@ -518,6 +524,21 @@ def measure_problem(task: Task, space: SearchSpace, coster: Coster, *,
 # --------------------------------------------------------------------------------------------
 
 
+class SolverTimeout(Exception):
+    """The solver ran past its time limit (:func:`propose`'s ``seconds``)."""
+
+
+def default_seconds() -> float:
+    """The solver's time limit: ``AUTOSHRINK_SOLVER_SECONDS``, else 180 s."""
+    import os
+
+    text = os.environ.get("AUTOSHRINK_SOLVER_SECONDS", "")
+    try:
+        return float(text) if text else 180.0
+    except ValueError:
+        raise ValueError(f"AUTOSHRINK_SOLVER_SECONDS must be a number of seconds, got {text!r}") from None
+
+
 @dataclass
 class Proposals:
     """What :func:`propose` found: candidates to enqueue, and what to record and say."""
@@ -543,7 +564,7 @@ class Proposals:
 
 def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit: int = DEFAULT_LIMIT,
             latency_threads: int = 1, runtime: str = "inductor", anchors: Sequence[tuple[Candidate, float]] = (),
-            base: Candidate | None = None) -> Proposals:
+            base: Candidate | None = None, seconds: float | None = None) -> Proposals:
     """Up to ``k`` candidates that minimise the summed no-fine-tune drop under ``budget``'s
     predicted latency / size / MACs, differing pairwise in at least two rule choices. The
     knapsack's costs add up per rule; each solution is then costed as a whole candidate (exact
@@ -562,14 +583,22 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
             table's bias does not move the budget line.
         base: the fields the proposals share beyond bits and pruning (default: the space's
             first choices, as the baselines use).
+        seconds: the time limit (default :func:`default_seconds`). The first search on a machine
+            times the latency table's new entries (a few seconds each, many for a large model at
+            several pruning ratios); past the limit it stops with no proposals and a warning, and
+            the entries timed so far stay in the machine's table, so the next search goes on from
+            there.
 
     Returns:
         :class:`Proposals`; never raises for a failure of its own: an infeasible problem gives no
         candidates and a ``warning``, any error gives no candidates and a ``warning`` naming it.
     """
     start = time.perf_counter()
+    t0 = time.monotonic()
     found = Proposals()
+    limit_s = 0.0
     try:
+        limit_s = default_seconds() if seconds is None else seconds
         limits = {m: v for m, v in budget.constraints().items() if m in METRICS}
         if not limits:
             found.warning = "no budget to solve for"
@@ -582,7 +611,7 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
             ratios = [ms / predictor.predict(task.model, cand, task.example_input) for cand, ms in anchors if ms]
             if ratios:
                 found.latency_scale = float(sorted(ratios)[len(ratios) // 2])
-        coster = Coster(task, list(limits), predictor, found.latency_scale)
+        coster = Coster(task, list(limits), predictor, found.latency_scale, deadline=t0 + limit_s)
         problem, found.cached = measure_problem(task, space, coster, limit=limit)
 
         def whole(picks: tuple[int, ...]) -> dict[str, float]:  # costs do not add up exactly: check each
@@ -601,6 +630,11 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
             found.solutions.append({"choices": {label: c.describe() for label, c in picks.items()},
                                     "drop": round(sol.drop, 4),
                                     "predicted": {m: round(v, 4) for m, v in sol.predicted.items()}})
+    except SolverTimeout:
+        found.candidates, found.solutions = [], []
+        found.warning = (f"the solver ran past its {limit_s:g} s (AUTOSHRINK_SOLVER_SECONDS) while timing new "
+                         "latency-table entries; no proposals this time (the entries timed are kept: the next "
+                         "search on this machine goes on from them)")
     except Exception as exc:  # noqa: BLE001 - proposals are an aid: the search goes on without them
         found.candidates, found.solutions = [], []
         found.warning = f"the solver failed ({type(exc).__name__}: {str(exc)[:300]}); no proposals"

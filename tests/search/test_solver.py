@@ -338,3 +338,24 @@ def test_costs_are_taken_at_the_int8_operating_point_where_transitions_add_up(mo
     assert problem.predicted(int8)[LAT] == pytest.approx(1.9)
     assert [s.picks for s in solve(problem, {LAT: 2.0}, k=1)] == [int8]
     assert [reference_choice(c) for _, c in rule_choices(space)] == [Choice(8, None)] * 3
+
+
+def test_a_solver_past_its_time_limit_proposes_nothing_and_says_so(monkeypatch):
+    import autoshrink as ash
+    from autoshrink import SearchSpace
+    from autoshrink.search import solver as solver_mod
+
+    costed = []
+
+    def measure(task, space, coster, limit):
+        costed.append(1)
+        coster(ash.Candidate())  # the first costing is already past a 0 s limit
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(solver_mod, "measure_problem", measure)
+    space = SearchSpace.from_dict({"layers": [{"name": "all", "pattern": "*", "bits": [8, 32]}]})
+    found = solver_mod.propose(None, space, ash.Budget(size_mb=1.0), seconds=0)
+    assert costed and found.candidates == [] and "ran past its 0 s (AUTOSHRINK_SOLVER_SECONDS)" in found.warning
+    monkeypatch.setenv("AUTOSHRINK_SOLVER_SECONDS", "soon")
+    with pytest.raises(ValueError, match="AUTOSHRINK_SOLVER_SECONDS must be a number of seconds, got 'soon'"):
+        solver_mod.default_seconds()

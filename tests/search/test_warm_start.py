@@ -252,21 +252,21 @@ def test_cli_refusal_is_one_line(case, tmp_path, monkeypatch, capsys, tiny_space
 
 # -- end to end --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_warm_started_search_under_another_budget(tiny_task, tiny_space, tmp_path):
-    first = ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=2, workers=1,
-                       out=tmp_path / "a", progress=False, latency_runs=10, enqueue_baselines=False)
-    assert first.meta[StudyAttr.TEACHER_FINGERPRINT] == teacher_fingerprint(tiny_task.model)
+def test_warm_started_search_under_another_budget(finished_search, tiny_space, tmp_path):
+    # the source: the suite's shared finished search (50 ms and 0.0125 MB; read, never written)
+    first, source, task = finished_search
+    assert first.meta[StudyAttr.TEACHER_FINGERPRINT] == teacher_fingerprint(task.model)
     done = first.trials[first.trials["state"] == State.COMPLETE]
     assert len(done) >= 1
-    second = ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=40.0), trials=1, workers=1,
+    second = ash.search(task, tiny_space, ash.Budget(latency_ms=40.0), trials=1, workers=1,
                         out=tmp_path / "b", progress=False, latency_runs=10, enqueue_baselines=False,
-                        warm_start=tmp_path / "a")
+                        warm_start=source)
     summary = second.meta[StudyAttr.WARM_START]
-    assert summary["from"] == str(tmp_path / "a") and summary["copied"] + summary["left_out"] == len(done)
+    assert summary["from"] == str(source) and summary["copied"] + summary["left_out"] == len(done)
     # one trial of its own ran; the warm ones are not among its results
     own = second.trials[second.trials["state"] != State.WAITING]
     assert len(own) == 1 and own["number"].iloc[0] == summary["copied"]
     study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{tmp_path / 'b' / 'study.db'}")
     warm = [t for t in study.trials if TrialAttr.WARM_FROM in t.user_attrs]
-    assert len(warm) == summary["copied"] and all(t.user_attrs[TrialAttr.WARM_FROM]["run"] == str(tmp_path / "a")
+    assert len(warm) == summary["copied"] and all(t.user_attrs[TrialAttr.WARM_FROM]["run"] == str(source)
                                                    for t in warm)
