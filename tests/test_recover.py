@@ -241,7 +241,7 @@ def test_a_killed_search_with_a_damaged_store_is_recovered_with_every_finished_t
     setup = tmp_path / "setup.pkl"
     setup.write_bytes(cloudpickle.dumps((_hanging_task(tiny_task, hang), space, ash.Budget(mmacs=1000.0), {
         "trials": 3, "workers": 1, "out": str(run), "progress": False, "latency_runs": 10,
-        "early_stopping": False, "sampler": "random"})))
+        "early_stopping": False, "sampler": "random", "solver": False})))
     (tmp_path / "driver.py").write_text(DRIVER)
     log = tmp_path / "driver.log"
     with open(log, "w") as fh:

@@ -358,6 +358,10 @@ def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: S
     for cand, origin in [first, *proposed, *rest]:
         params = space.candidate_params(cand)
         queue.setdefault(json.dumps(params, sort_keys=True), (params, origin))
+    # the budget edge and the solver take seconds to minutes: a second driver of a shared study may
+    # have found it empty meanwhile and enqueued the same plan; only the first to get here enqueues
+    if any(True for t in study.get_trials(deepcopy=False) if t.number >= 0):
+        return
     for params, origin in list(queue.values())[:config.trials]:  # (more would stay WAITING in the study)
         study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: origin}, skip_if_exists=True)
 

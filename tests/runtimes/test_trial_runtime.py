@@ -176,7 +176,7 @@ def test_search_passes_the_runtime_to_every_trial(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run(task, space, budget, config, sampler_obj, load):
+    def fake_run(task, space, budget, config, sampler_obj, load, **_kw):
         seen["config"] = config
         return "result"
 

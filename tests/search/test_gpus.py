@@ -119,7 +119,7 @@ def _capture_config(monkeypatch) -> dict:
     """Replace what search() runs after validating with a spy of its SearchConfig."""
     seen: dict = {}
 
-    def spy(task, space, budget, config, sampler_obj, load):
+    def spy(task, space, budget, config, sampler_obj, load, **_kw):
         seen["config"] = config
         return "ran"
 

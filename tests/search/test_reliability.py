@@ -316,7 +316,7 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
     # search may start
     setup = _setup(tmp_path, task, _space(), ash.Budget(mmacs=0.6), trials=3, workers=1,
                    out=str(tmp_path / "run"), progress=False, latency_runs=10, early_stopping=False,
-                   screening=False)  # every trial counts: the trial numbers below are the plan
+                   screening=False, solver=False)  # every trial counts, baselines first: the numbers below are the plan
     db = tmp_path / "run" / "study.db"
 
     # 1. kill -9 once trial 0 is COMPLETE and trial 1 (pruned 25 %) hangs in its worker
