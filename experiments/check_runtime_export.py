@@ -3,7 +3,8 @@
 Given a run folder made by ``autoshrink search --runtime onnxruntime|openvino --out D``, this
 loads ``D/best/model.onnx`` (resp. ``model.xml``) in a FRESH Python process (``python -I``) that
 imports only the runtime and numpy (it checks ``sys.modules`` for torch and autoshrink and fails
-if either got in), times it the way the search's gate does (:func:`autoshrink.runtimes.time_runtime`
+if either got in), opened with the settings of ``autoshrink/measure/fresh.py`` (loaded by its path,
+not imported as part of autoshrink: the same file the search's re-timing runs as its script), times it the way the search's gate does (:func:`autoshrink.runtimes.time_runtime`
 -> :func:`autoshrink.measure.latency.measure_latency`: batch 1, the recorded thread count, one untimed
 call, 10 warm-up calls, the median and quartiles of ``--runs`` timed calls of a prepared float32
 array, inside the machine lock's exclusive side), and scores the validation set in batches of 256
@@ -43,6 +44,7 @@ import time
 from pathlib import Path
 
 ARTIFACT = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
+FRESH = Path(__file__).resolve().parents[1] / "autoshrink" / "measure" / "fresh.py"
 EVAL_BATCH = 256  # Task.evaluate's batch size, the last batch padded to it (fixed_batch=True)
 
 
@@ -51,59 +53,29 @@ EVAL_BATCH = 256  # Task.evaluate's batch size, the last batch padded to it (fix
 # ----------------------------------------------------------------------------------------------
 
 
-def _child(runtime: str, folder: str, val: str, runs: int, warmup: int, threads: int, lock_dir: str) -> dict:
-    import fcntl
+def _fresh_module():
+    """``autoshrink/measure/fresh.py`` loaded by its path: the runtimes' settings and the machine
+    lock from the one file the search takes them from, without importing autoshrink (or torch)."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("autoshrink_fresh", FRESH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _child(runtime: str, folder: str, val: str, runs: int, warmup: int, threads: int, lock_dir: str) -> dict:
     import numpy as np
 
+    fresh = _fresh_module()
     data = np.load(val)
     x_val, y_val = data["x"].astype(np.float32), data["y"]
-    if runtime == "onnxruntime":  # autoshrink.runtimes.onnxruntime.session_options, as best/README.md says
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(str(Path(folder) / ARTIFACT[runtime]), so, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-
-        def run(a):
-            return session.run(None, {name: a})[0]
-
-        version = ort.__version__
-    else:  # autoshrink.runtimes.openvino.compile_config
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(Path(folder) / ARTIFACT[runtime]), "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
-        request = compiled.create_infer_request()
-
-        def run(a):
-            return request.infer({0: a})[0]
-
-        version = ov.get_version()
-
-    def flock(path: Path, mode: int):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(fd, mode)
-        return fd
-
-    def unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
+    run, version = fresh.open_artifact(runtime, folder, threads)  # as the search timed it, as best/README.md says
     x1 = np.ascontiguousarray(x_val[:1])
-    base = Path(lock_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    # MachineLock: the first call under the shared side (as training), the timing under the exclusive one
-    unlock(flock(base / "autoshrink-latency-turnstile.lock", fcntl.LOCK_EX))
-    shared = flock(base / "autoshrink-latency.lock", fcntl.LOCK_SH)
-    run(x1)
-    unlock(shared)
-    turnstile = flock(base / "autoshrink-latency-turnstile.lock", fcntl.LOCK_EX)
-    exclusive = flock(base / "autoshrink-latency.lock", fcntl.LOCK_EX)
-    try:
+    lock = fresh.MachineLock(lock_dir)
+    with lock.training():  # the first call as the gate makes it: under the shared side
+        run(x1)
+    with lock.measuring():
         for _ in range(warmup):
             run(x1)
         times = []
@@ -111,9 +83,6 @@ def _child(runtime: str, folder: str, val: str, runs: int, warmup: int, threads:
             start = time.perf_counter()
             run(x1)
             times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        unlock(exclusive)
-        unlock(turnstile)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     correct = 0
     for i in range(0, len(x_val), EVAL_BATCH):

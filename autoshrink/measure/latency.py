@@ -16,20 +16,18 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import os
 import socket
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from autoshrink import _batches
+from autoshrink.measure.fresh import MachineLock  # torch-free: the runtime-only timing process takes it too
 
 __all__ = ["Latency", "LatencyMeter", "MachineLock", "fixed_threads", "measure_latency", "program_bytes", "time_calls"]
 
@@ -42,48 +40,6 @@ class Latency:
     runs: int
     threads: int
     p90_ms: float | None = None
-
-
-class MachineLock:
-    """Readers-writer lock across processes on one machine: training shares it, timing owns it.
-
-    Args:
-        folder: where the lock files live (one per machine; default under the temp folder).
-    """
-
-    def __init__(self, folder: str | os.PathLike | None = None) -> None:
-        base = Path(folder or os.environ.get("AUTOSHRINK_LOCK_DIR") or tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        self._rw = base / "autoshrink-latency.lock"
-        self._turnstile = base / "autoshrink-latency-turnstile.lock"
-
-    @contextlib.contextmanager
-    def _flock(self, path: Path, mode: int) -> Iterator[None]:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, mode)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def measuring(self) -> Iterator[None]:
-        """Exclusive: no other timing and no training runs meanwhile."""
-        with self._flock(self._turnstile, fcntl.LOCK_EX), self._flock(self._rw, fcntl.LOCK_EX):
-            yield
-
-    @contextlib.contextmanager
-    def training(self) -> Iterator[None]:
-        """Shared: trainers run together, but wait while someone is timing.
-
-        Hold it for one step of work at a time (a training step, an evaluation batch, a
-        compilation), not for a whole fine-tune: a waiting timer gets in between two steps.
-        """
-        with self._flock(self._turnstile, fcntl.LOCK_EX):
-            pass  # a waiting timer holds the turnstile: new trainers queue behind it
-        with self._flock(self._rw, fcntl.LOCK_SH):
-            yield
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ artifacts themselves:
 
 - in **one fresh process** (``python -m autoshrink.measure.remeasure``, JSON out): nothing of the
   search (Ray, its compiled graphs, its allocator state) is left in it, and each artifact is
-  loaded and compiled exactly as a user loads it (:func:`autoshrink.export.load_deployable`);
+  loaded and compiled exactly as a user loads it (:func:`autoshrink.export.load_deployable`); an
+  ONNX Runtime or OpenVINO artifact in an isolated interpreter with that runtime and numpy only
+  (:mod:`autoshrink.measure.fresh`), as it is deployed: with torch loaded, OpenVINO read ~4 % slow;
 - **interleaved**: after every model's compilation and warm-up, ``rounds`` rounds of ``runs``
   timed calls each, A B C A B C ..., so that a burst of load on the machine hits all of them
   alike instead of deciding between them; each model's block starts with one untimed call, so
@@ -303,9 +305,10 @@ def remeasure(
         loader: ``"module:function"`` that turns a path into a compiled callable (the runtime's
             loader; default :func:`autoshrink.export.load_deployable`, what the search timed).
         runtime: another deployment runtime than Inductor (``"onnxruntime"``, ``"openvino"``):
-            each path's folder holds that runtime's artifact, opened with
-            ``autoshrink.runtimes.get(runtime).load(folder, threads=threads)`` and called as
-            :func:`autoshrink.runtimes.time_runtime` calls it (``loader`` is then not used).
+            each path's folder holds that runtime's artifact, timed on a float32 array in a
+            ``python -I`` process that imports only that runtime and numpy
+            (:mod:`autoshrink.measure.fresh`, the settings the search timed; ``loader`` is then
+            not used).
 
     Returns:
         A :class:`Remeasured`; an artifact that cannot be loaded is listed in ``errors``.
@@ -317,6 +320,10 @@ def remeasure(
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("remeasure needs at least one model.pt2 path, got none")
+    if runtime != "inductor":
+        return _remeasure_runtime(paths, example_input, runtime=runtime, rounds=rounds, runs=runs, warmup=warmup,
+                                  threads=threads, lock_dir=lock_dir, resamples=resamples, confidence=confidence,
+                                  seed=seed, timeout_s=timeout_s)
     with tempfile.TemporaryDirectory(prefix="autoshrink-remeasure-") as tmp:
         inp, out = Path(tmp) / "input.pt", Path(tmp) / "result.json"
         torch.save(example_input[:1].detach().cpu().contiguous().clone(), inp)
@@ -324,7 +331,7 @@ def remeasure(
             sys.executable, "-m", "autoshrink.measure.remeasure", "--input", str(inp), "--out", str(out),
             "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads),
             "--resamples", str(resamples), "--confidence", str(confidence), "--seed", str(seed),
-            "--loader", loader, "--runtime", runtime,
+            "--loader", loader,
         ]
         if lock_dir is not None:
             cmd += ["--lock-dir", str(lock_dir)]
@@ -333,19 +340,7 @@ def remeasure(
         # the child imports this very autoshrink, also when it is not installed (a checkout)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise RemeasureError(
-                f"re-timing {len(paths)} artifact(s) ran past {timeout_s:g} s and was stopped; "
-                "raise timeout_s or re-time fewer finalists"
-            ) from exc
-        if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            raise RemeasureError(
-                f"the re-timing process exited with {proc.returncode}:\n" + "\n".join(tail)
-            )
-        data = json.loads(out.read_text())
+        data = _run_child(cmd, out, f"{len(paths)} artifact(s)", timeout_s, env)
     return Remeasured(
         spreads={r["path"]: Spread(**r["spread"]) for r in data["results"] if "spread" in r},
         errors={r["path"]: r["error"] for r in data["results"] if "error" in r},
@@ -353,6 +348,63 @@ def remeasure(
         warning=data.get("warning"),
         host=data.get("host", ""),
     )
+
+
+def _run_child(cmd: list[str], out: Path, what: str, timeout_s: float, env: dict | None = None) -> dict:
+    """Run a re-timing process; its JSON result, or a :class:`RemeasureError` with its last output."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise RemeasureError(
+            f"re-timing {what} ran past {timeout_s:g} s and was stopped; raise timeout_s or re-time fewer finalists"
+        ) from exc
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+        raise RemeasureError(f"the re-timing process exited with {proc.returncode}:\n" + "\n".join(tail))
+    return json.loads(out.read_text())
+
+
+def _remeasure_runtime(paths: list[str], example_input: torch.Tensor, *, runtime: str, rounds: int, runs: int,
+                       warmup: int, threads: int, lock_dir, resamples: int, confidence: float, seed: int,
+                       timeout_s: float) -> Remeasured:
+    """:func:`remeasure` of ONNX Runtime / OpenVINO artifacts (in each path's folder), in an
+    isolated interpreter that imports only the runtime and numpy (:mod:`autoshrink.measure.fresh`)."""
+    from autoshrink.measure import fresh
+
+    if runtime not in fresh.ARTIFACTS:
+        raise ValueError(f"runtime {runtime!r}: expected inductor or one of {sorted(fresh.ARTIFACTS)}")
+    folders = {p: str(Path(p).parent) for p in paths}
+    with tempfile.TemporaryDirectory(prefix="autoshrink-remeasure-") as tmp:
+        inp, out = Path(tmp) / "input.npy", Path(tmp) / "result.json"
+        np.save(inp, example_input[:1].detach().cpu().float().contiguous().numpy())
+        cmd = [sys.executable, "-I", fresh.__file__, "--runtime", runtime, "--input", str(inp), "--out", str(out),
+               "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
+        if lock_dir is not None:
+            cmd += ["--lock-dir", str(lock_dir)]
+        elif os.environ.get("AUTOSHRINK_LOCK_DIR"):  # -I ignores the environment's Python settings, not this
+            cmd += ["--lock-dir", os.environ["AUTOSHRINK_LOCK_DIR"]]
+        data = _run_child([*cmd, "--", *folders.values()], out, f"{len(paths)} {runtime} artifact(s)", timeout_s)
+    by_folder = {r["folder"]: r for r in data["results"]}
+    spreads, errors = {}, {}
+    for path, folder in folders.items():
+        r = by_folder[folder]
+        if "times_ms" in r:
+            spreads[path] = spread(r["times_ms"], threads=threads, resamples=resamples, confidence=confidence,
+                                   seed=seed)
+        else:
+            errors[path] = r.get("error", "no timing returned")
+
+    def loadavg() -> tuple[float, float, float]:
+        if not data.get("loadavg"):
+            raise OSError("no load average")
+        return tuple(data["loadavg"])
+
+    load = sample_load(loadavg)
+    warning = load_warning(load)
+    if data.get("imported"):  # e.g. a sitecustomize: the figure is then not the runtime's alone
+        warning = "; ".join(w for w in (warning, f"the {runtime} timing process imported "
+                                        f"{' and '.join(data['imported'])}") if w)
+    return Remeasured(spreads=spreads, errors=errors, load=load, warning=warning, host=data.get("host", ""))
 
 
 def remeasure_programs(
@@ -469,27 +521,6 @@ def _artifact_files(runtime: str) -> tuple[str, ...]:
     return (main, "model.bin") if main.endswith(".xml") else (main,)
 
 
-class _NumpyCall:
-    """A runtime's deployable called as :func:`autoshrink.runtimes.time_runtime` calls it: the
-    input converted to float32 numpy once per input tensor, so that only the runtime's call is timed."""
-
-    def __init__(self, deployable) -> None:
-        self.deployable = deployable
-        self._x = self._array = None
-
-    def __call__(self, x):
-        if x is not self._x:
-            self._x, self._array = x, np.ascontiguousarray(x.detach().cpu().float().numpy())
-        return self.deployable.run(self._array)
-
-
-def _runtime_loader(runtime: str, threads: int) -> Callable:
-    from autoshrink.runtimes import get as get_runtime
-
-    rt = get_runtime(runtime)
-    return lambda path: _NumpyCall(rt.load(Path(path).parent, threads=threads))
-
-
 def _load_callable(spec: str) -> Callable:
     module, _, name = spec.partition(":")
     if not module or not name:
@@ -511,7 +542,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lock-dir", default=None)
     p.add_argument("--loader", default=_DEFAULT_LOADER)
-    p.add_argument("--runtime", default="inductor")
     p.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
 
@@ -520,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _env.configure()
     x = torch.load(args.input, weights_only=True)
-    load = _load_callable(args.loader) if args.runtime == "inductor" else _runtime_loader(args.runtime, args.threads)
+    load = _load_callable(args.loader)
     lock = MachineLock(args.lock_dir)
     results: list[dict] = [{"path": path} for path in args.paths]
     models, timed = [], []

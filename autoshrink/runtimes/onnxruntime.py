@@ -15,38 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoshrink.measure.fresh import ort_session_options as session_options
 from autoshrink.runtimes._base import Deployable, Runtime, check_threads, layer_of_onnx_nodes, require
 from autoshrink.runtimes._onnx import export_onnx
 
-__all__ = ["INT8_KERNELS", "OnnxRuntime", "OrtDeployable"]
+__all__ = ["INT8_KERNELS", "OnnxRuntime", "OrtDeployable", "session_options"]
 
 # ONNX Runtime's integer kernels for convs and matrix products (after its QDQ fusions)
 INT8_KERNELS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
                           "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearConvTranspose"})
 FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose",
                            "NhwcFusedConv"})
-
-
-def session_options(threads: int, optimized_path: Path | None = None, *, layout: bool = True):
-    """The session the runtime times and ships: all graph optimisations, fixed intra-op threads,
-    one inter-op thread, sequential execution.
-
-    ``layout=False`` stops before the layout optimisations (``ORT_ENABLE_EXTENDED``): the
-    precision of each kernel is decided by then (the QDQ fusions are extended-level), and the
-    float convs still carry their weights' names (NCHWc layout renames them).
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3  # errors only (writing the optimized model warns about NCHWc layouts)
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return so
 
 
 class OrtDeployable(Deployable):

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoshrink.measure.fresh import openvino_config as compile_config
+from autoshrink.measure.fresh import openvino_core
 from autoshrink.runtimes._base import Deployable, Runtime, check_threads, layer_of_onnx_nodes, require
 from autoshrink.runtimes._onnx import export_onnx
 
@@ -26,19 +28,12 @@ _LAYERS = ["autoshrink", "layers"]  # rt_info key of the layer map in model.xml
 _COMPUTE = frozenset({"Convolution", "FullyConnected", "MatMul", "Deconvolution", "GroupConvolution"})
 
 
-def compile_config(threads: int) -> dict:
-    """The CPU plugin settings the runtime times and ships."""
-    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-
-
 class OpenVinoDeployable(Deployable):
     """An OpenVINO ``CompiledModel`` on the CPU, with one reused infer request."""
 
     def __init__(self, xml: Path, info, workdir=None) -> None:
-        import openvino as ov
-
         super().__init__(info, [xml, xml.with_suffix(".bin")], workdir)
-        core = ov.Core()
+        core = openvino_core()  # one per process: see openvino_core
         model = core.read_model(str(xml))
         self.compiled = core.compile_model(model, "CPU", compile_config(info.threads))
         self._request = self.compiled.create_infer_request()
@@ -86,7 +81,7 @@ class OpenVinoRuntime(Runtime):
         onnx_path = export_onnx(lowered, example_input, folder)
         by_node, _ = layer_of_onnx_nodes(onnx.load(str(onnx_path), load_external_data=False))
         xml = folder / self.artifact
-        model = ov.Core().read_model(str(onnx_path))
+        model = openvino_core().read_model(str(onnx_path))
         model.set_rt_info(json.dumps(by_node), _LAYERS)
         ov.save_model(model, str(xml), compress_to_fp16=False)
         onnx_path.unlink()

@@ -181,3 +181,51 @@ def test_rechoose_with_real_retiming_records_the_deployed_figures(tmp_path):
     assert row1["latency_source"] == "gate" and pd.isna(row1["latency_ms_deployed"])
     assert any("trial 1: could not be re-timed" in n for n in out.notes)
     assert len(retime.loads) == 1
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_another_runtimes_artifact_is_retimed_in_a_process_with_that_runtime_alone(tmp_path, runtime, monkeypatch):
+    """As it is deployed: ``python -I`` with the runtime and numpy, no torch (which slowed OpenVINO
+    ~4 %), the settings the search timed with, and a broken artifact listed beside a good one."""
+    pytest.importorskip(runtime)
+    from autoshrink import Candidate, runtimes
+    from autoshrink.compress.quantize import lower, prepare_ptq
+    from autoshrink.measure import fresh
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    x = torch.randn(1, 1, 16, 16)
+    lowered = lower(prepare_ptq(net, Candidate.uniform(bits=8), x, [torch.randn(8, 1, 16, 16)]))
+    rt = runtimes.get(runtime)
+    good = tmp_path / "trials" / "0001"
+    rt.save(rt.build(lowered, x[:1]), good)
+    broken = tmp_path / "trials" / "0002"
+    broken.mkdir(parents=True)
+    (broken / fresh.ARTIFACTS[runtime]).write_text("not a model")
+    (broken / "model.bin").write_text("")
+    seen = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or real_run(cmd, **kw))
+    out = remeasure([good / "model.pt2", broken / "model.pt2"], x, rounds=2, runs=3, warmup=1, runtime=runtime,
+                    lock_dir=tmp_path / "locks")
+    (cmd,) = seen
+    assert cmd[1] == "-I" and cmd[2] == fresh.__file__  # the isolated interpreter, this file as its script
+    s = out.spreads[str(good / "model.pt2")]
+    assert s.runs == 6 and s.rounds == 2 and s.threads == 1 and s.p25_ms <= s.median_ms <= s.p75_ms
+    assert list(out.errors) == [str(broken / "model.pt2")]
+    assert out.load["cores"] >= 1
+    assert "imported" not in (out.warning or "")  # neither torch nor autoshrink got into the child
+
+
+def test_the_runtime_only_process_imports_neither_torch_nor_autoshrink(tmp_path):
+    """The child's own record of what it imported (here with no artifact to open: the imports
+    of the script itself and of numpy are what is checked)."""
+    from autoshrink.measure import fresh
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 4, 4), np.float32))
+    subprocess.run([sys.executable, "-I", fresh.__file__, "--runtime", "onnxruntime", "--input",
+                    str(tmp_path / "x.npy"), "--out", str(tmp_path / "out.json"), "--lock-dir", str(tmp_path),
+                    "--", str(tmp_path / "none")], check=True, timeout=120)
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["imported"] == [] and "FileNotFoundError" in got["results"][0]["error"]
