@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["ARTIFACTS", "MachineLock", "main", "open_artifact", "openvino_config", "openvino_core",
-           "ort_session_options"]
+           "ort_session_options", "add_timing_arguments"]
 
 #: Runtime -> the file of its artifact in a trial's (or ``best/``) folder.
 ARTIFACTS = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
@@ -167,37 +167,46 @@ def _time_calls(run: Callable, x, n: int) -> list[float]:
     return out
 
 
-def time_interleaved(runs_of: Sequence[Callable], x, *, rounds: int, runs: int, warmup: int,
-                     lock: MachineLock) -> list[list[list[float]]]:
-    """As :func:`autoshrink.measure.remeasure.time_interleaved`, for numpy callables: the first
-    call of each under the lock's shared side, then warm-up and ``rounds`` rounds of A B C ...
-    blocks (each starting with one untimed call) under its exclusive side."""
-    with lock.training():
-        for run in runs_of:
-            run(x)
-    times: list[list[list[float]]] = [[] for _ in runs_of]
-    with lock.measuring():
-        for run in runs_of:
+def time_interleaved(calls: Sequence[Callable], x, *, rounds: int, runs: int, warmup: int,
+                     lock: MachineLock | None, time_calls: Callable = _time_calls) -> list[list[list[float]]]:
+    """The interleaved re-timing loop (:func:`autoshrink.measure.remeasure.time_interleaved` runs
+    it for torch models): the first call of each under the lock's shared side (compilation is
+    heavy work, like training), then warm-up and ``rounds`` rounds of A B C ... blocks, each
+    starting with one untimed call, under its exclusive side. ``time_calls(fn, x, n)`` gives
+    the ``n`` timings of one block. Returns ``rounds`` lists of ``runs`` ms per call."""
+    shared = lock.training if lock is not None else contextlib.nullcontext
+    exclusive = lock.measuring if lock is not None else contextlib.nullcontext
+    with shared():
+        for fn in calls:
+            fn(x)
+    times: list[list[list[float]]] = [[] for _ in calls]
+    with exclusive():
+        for fn in calls:
             for _ in range(warmup):
-                run(x)
+                fn(x)
         for _ in range(rounds):
-            for i, run in enumerate(runs_of):
-                run(x)  # the others ran meanwhile: one untimed call brings this one's caches back
-                times[i].append(_time_calls(run, x, runs))
+            for i, fn in enumerate(calls):
+                fn(x)  # the others ran meanwhile: one untimed call brings this one's caches back
+                times[i].append(list(time_calls(fn, x, runs)))
     return times
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the runtime-only timing process; writes JSON to ``--out``."""
-    p = argparse.ArgumentParser(prog="python -I fresh.py", description=__doc__.splitlines()[0])
-    p.add_argument("--runtime", required=True, choices=sorted(ARTIFACTS))
-    p.add_argument("--input", required=True, help="a .npy array: the example input (its first sample is timed)")
+def add_timing_arguments(p: argparse.ArgumentParser, input_help: str) -> None:
+    """The options both re-timing processes take (this one and ``autoshrink.measure.remeasure``'s)."""
+    p.add_argument("--input", required=True, help=input_help)
     p.add_argument("--out", required=True, help="JSON result file")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lock-dir", default=None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the runtime-only timing process; writes JSON to ``--out``."""
+    p = argparse.ArgumentParser(prog="python -I fresh.py", description=__doc__.splitlines()[0])
+    p.add_argument("--runtime", required=True, choices=sorted(ARTIFACTS))
+    add_timing_arguments(p, "a .npy array: the example input (its first sample is timed)")
     p.add_argument("folders", nargs="+", help="artifact folders (each holds the runtime's file)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.runs < 1 or args.warmup < 0:

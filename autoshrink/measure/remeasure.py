@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoshrink.measure import fresh
 from autoshrink.measure.latency import MachineLock, fixed_threads, time_calls
 from autoshrink.measure.load import load_warning, sample_load
 
@@ -254,21 +254,10 @@ def time_interleaved(
             f"rounds >= 1, runs >= 1 and warmup >= 0 must hold, got rounds={rounds}, runs={runs}, warmup={warmup}"
         )
     x = example_input[:1].contiguous()
-    times = [np.empty((rounds, runs)) for _ in models]
     with fixed_threads(threads), torch.inference_mode():
-        # compilation is heavy work: under the shared side, like training (see measure_latency)
-        with lock.training() if lock is not None else contextlib.nullcontext():
-            for fn in models:
-                fn(x)
-        with lock.measuring() if lock is not None else contextlib.nullcontext():
-            for fn in models:
-                for _ in range(warmup):
-                    fn(x)
-            for r in range(rounds):
-                for i, fn in enumerate(models):
-                    fn(x)  # the others ran meanwhile: one untimed call brings this one's caches back
-                    times[i][r] = time_calls(fn, x, runs, timer=timer)
-    return times
+        times = fresh.time_interleaved(models, x, rounds=rounds, runs=runs, warmup=warmup, lock=lock,
+                                       time_calls=lambda fn, x, n: time_calls(fn, x, n, timer=timer))
+    return [np.asarray(t, dtype=float) for t in times]
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,8 +358,6 @@ def _remeasure_runtime(paths: list[str], example_input: torch.Tensor, *, runtime
                        timeout_s: float) -> Remeasured:
     """:func:`remeasure` of ONNX Runtime / OpenVINO artifacts (in each path's folder), in an
     isolated interpreter that imports only the runtime and numpy (:mod:`autoshrink.measure.fresh`)."""
-    from autoshrink.measure import fresh
-
     if runtime not in fresh.ARTIFACTS:
         raise ValueError(f"runtime {runtime!r}: expected inductor or one of {sorted(fresh.ARTIFACTS)}")
     folders = {p: str(Path(p).parent) for p in paths}
@@ -531,16 +518,10 @@ def _load_callable(spec: str) -> Callable:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the re-timing process (see :func:`remeasure`); writes JSON to ``--out``."""
     p = argparse.ArgumentParser(prog="python -m autoshrink.measure.remeasure", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="torch.save'd example input")
-    p.add_argument("--out", required=True, help="JSON result file")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1)
+    fresh.add_timing_arguments(p, "torch.save'd example input")
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lock-dir", default=None)
     p.add_argument("--loader", default=_DEFAULT_LOADER)
     p.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
