@@ -368,11 +368,14 @@ def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: S
 
 def _proposals(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, study, probed: dict | None):
     """The solver's proposals (:func:`autoshrink.search.solver.propose`), recorded and said;
-    none when it is off, when the budget sets no limit, or when latency is timed elsewhere."""
+    none when it is off, when the budget sets no limit, when latency is timed elsewhere, or when
+    the search has a single trial (the first plan takes it)."""
     from autoshrink.search.solver import propose
 
     limits = budget.constraints()
     if not config.solver or not limits or (TrialAttr.LATENCY_MS in limits and not config.time_here):
+        return []
+    if config.trials < 2:  # the first plan takes the only trial: proposals would never run
         return []
     # the budget-edge probes were timed as trials time: they anchor the latency table's predictions
     anchors = [(as_sampled(space, baselines(space, space_defaults(space), edge=p[0])[0]), p[1])

@@ -263,6 +263,9 @@ def test_proposals_are_enqueued_after_the_budget_edge_and_marked(monkeypatch, ca
     # the trial count caps proposals as it caps baselines
     study, _ = _enqueue(monkeypatch, found, trials=2)
     assert [t.user_attrs[TrialAttr.PROPOSED_BY] for t in study.trials] == [Proposer.BASELINE, Proposer.SOLVER]
+    # a single trial is the first plan's: the solver is not asked (its minutes would buy nothing)
+    study, asked_once = _enqueue(monkeypatch, found, trials=1)
+    assert asked_once == [] and [t.user_attrs[TrialAttr.PROPOSED_BY] for t in study.trials] == [Proposer.BASELINE]
     # a proposal equal to the edge baseline takes no slot: the next proposal comes second
     same = Proposals(candidates=[cand(space, {"all": Choice(8, 0.25)}), *picks], solutions=[{}, {}, {}])
     study, _ = _enqueue(monkeypatch, same, trials=2)
