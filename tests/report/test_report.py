@@ -298,3 +298,11 @@ def test_the_plot_marks_the_gate_timing_of_re_timed_trials(tmp_path: Path) -> No
     gate = captured["gate timing of re-timed trials (1)"]
     assert list(gate[0]) == [pytest.approx(float(df.loc[df["number"] == n, "latency_ms"].iloc[0]))]
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_budget_line_is_named_as_the_user_set_it_not_by_its_column():
+    from autoshrink.report.png import _budget_label
+
+    assert _budget_label("latency_ms_effective", 5.0) == "budget: Latency ≤ 5 ms"  # was 'latency_ms_effective ≤ 5'
+    assert _budget_label("latency_ms", 0.5) == "budget: Latency ≤ 0.5 ms"
+    assert _budget_label("size_mb", 2.5) == "budget: Model size ≤ 2.5 MB"
