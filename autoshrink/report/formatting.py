@@ -68,6 +68,18 @@ def si_text(value: float) -> str:
     return f"{value:.3g} "
 
 
+def limit_text(col: str, limit: float) -> str:
+    """A budget limit as the user set it: ``Latency ≤ 5 ms`` (the deployed and the gate latency
+    columns are both held to the latency budget), not the column's internal name.
+
+    Example:
+        >>> limit_text("latency_ms_effective", 5.0)
+        'Latency ≤ 5 ms'
+    """
+    base = "latency_ms" if col.startswith("latency_ms") else col
+    return f"{UNITS.get(base, (base, ''))[0]} ≤ {fmt_value(base, limit)}"
+
+
 def fmt_value(col: str, value: Any) -> str:
     """A value with its unit, short enough for a label: ``3.41 ms``, ``97.2%``, ``1.2 M params``."""
     if is_missing(value):

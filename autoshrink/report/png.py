@@ -23,19 +23,12 @@ from autoshrink.report.formatting import (
     C_FRONT,
     C_INFEASIBLE,
     C_TEACHER,
-    UNITS,
     fmt_plain,
     fmt_value,
     is_missing,
+    limit_text,
 )
 from autoshrink.report.records import ParetoPlotData, pareto_plot_data
-
-
-def _budget_label(col: str, limit: float) -> str:
-    """``budget: latency ≤ 5 ms``: the limit as the user set it (the deployed and the gate latency
-    columns are both held to the latency budget), not the column's internal name."""
-    base = "latency_ms" if col.startswith("latency_ms") else col
-    return f"budget: {UNITS.get(base, (base, ''))[0]} ≤ {fmt_value(base, limit)}"
 
 __all__ = ["plot_pareto"]
 
@@ -214,13 +207,13 @@ def _render_matplotlib(data: ParetoPlotData, path: Path) -> None:
     if data.x_limit is not None:
         xlo, xhi = ax.get_xlim()
         ax.axvline(data.x_limit, color=C_BUDGET, linestyle="--", linewidth=1.3, zorder=1,
-                   label=_budget_label(x, data.x_limit))
+                   label=f"budget: {limit_text(x, data.x_limit)}")
         if data.x_limit < xhi:
             ax.axvspan(max(data.x_limit, xlo), xhi, color=C_BUDGET, alpha=0.05, zorder=0)
         ax.set_xlim(min(xlo, data.x_limit), max(xhi, data.x_limit))
     if data.y_limit is not None:
         ax.axhline(data.y_limit, color=C_BUDGET, linestyle=":", linewidth=1.3, zorder=1,
-                   label=_budget_label(y, data.y_limit))
+                   label=f"budget: {limit_text(y, data.y_limit)}")
 
     # Chosen trial: circled now, labelled last (the label avoids the points and the legend).
     label_at: tuple[tuple[float, float], str] | None = None

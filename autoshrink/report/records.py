@@ -25,6 +25,7 @@ from autoshrink.report.formatting import (
     axis_label,
     default_direction,
     fmt_value,
+    limit_text,
     param_columns,
     upper_states,
 )
@@ -111,7 +112,7 @@ class ParetoPlotData:
 
     @property
     def budget_text(self) -> str:
-        return ", ".join(f"{col} ≤ {fmt_value(col, lim)}" for col, lim in self.budget.items())
+        return ", ".join(limit_text(col, lim) for col, lim in self.budget.items())
 
 
 def _chosen_row(df: pd.DataFrame, chosen: pd.Series | int | None) -> pd.Series | None:

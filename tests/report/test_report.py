@@ -301,8 +301,13 @@ def test_the_plot_marks_the_gate_timing_of_re_timed_trials(tmp_path: Path) -> No
 
 
 def test_the_budget_line_is_named_as_the_user_set_it_not_by_its_column():
-    from autoshrink.report.png import _budget_label
+    from autoshrink.report.formatting import limit_text
+    from autoshrink.report.records import pareto_plot_data
 
-    assert _budget_label("latency_ms_effective", 5.0) == "budget: Latency ≤ 5 ms"  # was 'latency_ms_effective ≤ 5'
-    assert _budget_label("latency_ms", 0.5) == "budget: Latency ≤ 0.5 ms"
-    assert _budget_label("size_mb", 2.5) == "budget: Model size ≤ 2.5 MB"
+    assert limit_text("latency_ms_effective", 5.0) == "Latency ≤ 5 ms"  # was 'latency_ms_effective ≤ 5'
+    assert limit_text("latency_ms", 0.5) == "Latency ≤ 0.5 ms"
+    assert limit_text("size_mb", 2.5) == "Model size ≤ 2.5 MB"
+    df = pd.DataFrame({"number": [0], "state": ["COMPLETE"], "accuracy": [90.0], "latency_ms": [2.0],
+                       "latency_ms_effective": [1.9]})
+    data = pareto_plot_data(df, x="latency_ms_effective", constraints={"latency_ms_effective": 5.0})
+    assert data.budget_text == "Latency ≤ 5 ms"  # the interactive plot's subtitle
