@@ -14,8 +14,8 @@ both sides must agree on: the runtimes' settings (:func:`ort_session_options`,
 :func:`openvino_config`) and the machine lock's protocol (:class:`MachineLock`).
 
 The child writes JSON to ``--out``: per artifact folder its ``rounds x runs`` timings in ms (or
-why it could not be loaded), the load average just before timing, the runtime's version and the
-imported-modules check. The parent computes the spread (:func:`autoshrink.measure.remeasure.spread`).
+why it could not be loaded), the load average just before timing and the imported-modules check.
+The parent computes the spread (:func:`autoshrink.measure.remeasure.spread`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["ARTIFACTS", "MachineLock", "main", "open_artifact", "openvino_config", "openvino_core",
-           "ort_session_options", "add_timing_arguments"]
+           "ort_session_options", "add_timing_arguments", "error_line"]
 
 #: Runtime -> the file of its artifact in a trial's (or ``best/``) folder.
 ARTIFACTS = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
@@ -173,7 +173,7 @@ def time_interleaved(calls: Sequence[Callable], x, *, rounds: int, runs: int, wa
     it for torch models): the first call of each under the lock's shared side (compilation is
     heavy work, like training), then warm-up and ``rounds`` rounds of A B C ... blocks, each
     starting with one untimed call, under its exclusive side. ``time_calls(fn, x, n)`` gives
-    the ``n`` timings of one block. Returns ``rounds`` lists of ``runs`` ms per call."""
+    the ``n`` timings of one block. Returns, per callable, ``rounds`` lists of ``runs`` ms."""
     shared = lock.training if lock is not None else contextlib.nullcontext
     exclusive = lock.measuring if lock is not None else contextlib.nullcontext
     with shared():
@@ -189,6 +189,12 @@ def time_interleaved(calls: Sequence[Callable], x, *, rounds: int, runs: int, wa
                 fn(x)  # the others ran meanwhile: one untimed call brings this one's caches back
                 times[i].append(list(time_calls(fn, x, runs)))
     return times
+
+
+def error_line(exc: BaseException) -> str:
+    """Why an artifact could not be loaded or timed, in one line: the type and the first line."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:500]}"
 
 
 def add_timing_arguments(p: argparse.ArgumentParser, input_help: str) -> None:
@@ -217,13 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = np.ascontiguousarray(np.load(args.input).astype(np.float32)[:1])
     lock = MachineLock(args.lock_dir)
     results: list[dict] = [{"folder": folder} for folder in args.folders]
-    runs_of, timed, version = [], [], None
+    runs_of, timed = [], []
     for entry in results:
         try:
-            run, version = open_artifact(args.runtime, entry["folder"], args.threads)
+            run, _ = open_artifact(args.runtime, entry["folder"], args.threads)
         except Exception as exc:  # noqa: BLE001 - a runtime's many error types: listed, the others timed
-            first = next((line for line in str(exc).splitlines() if line.strip()), "")
-            entry["error"] = f"{type(exc).__name__}: {first[:500]}"
+            entry["error"] = error_line(exc)
             continue
         runs_of.append(run)
         timed.append(entry)
@@ -235,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         times = time_interleaved(runs_of, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup, lock=lock)
         for entry, t in zip(timed, times, strict=True):
             entry["times_ms"] = t
-    payload = {"results": results, "loadavg": load, "host": socket.gethostname(), "version": version,
-               "runtime": args.runtime, "threads": args.threads,
+    payload = {"results": results, "loadavg": load, "host": socket.gethostname(),
                "imported": sorted(m for m in ("torch", "autoshrink") if m in sys.modules)}
     tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
     tmp.write_text(json.dumps(payload))

@@ -366,10 +366,8 @@ def _remeasure_runtime(paths: list[str], example_input: torch.Tensor, *, runtime
         np.save(inp, example_input[:1].detach().cpu().float().contiguous().numpy())
         cmd = [sys.executable, "-I", fresh.__file__, "--runtime", runtime, "--input", str(inp), "--out", str(out),
                "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
-        if lock_dir is not None:
+        if lock_dir is not None:  # else the child's MachineLock reads $AUTOSHRINK_LOCK_DIR (-I keeps it)
             cmd += ["--lock-dir", str(lock_dir)]
-        elif os.environ.get("AUTOSHRINK_LOCK_DIR"):  # -I ignores the environment's Python settings, not this
-            cmd += ["--lock-dir", os.environ["AUTOSHRINK_LOCK_DIR"]]
         data = _run_child([*cmd, "--", *folders.values()], out, f"{len(paths)} {runtime} artifact(s)", timeout_s)
     by_folder = {r["folder"]: r for r in data["results"]}
     spreads, errors = {}, {}
@@ -543,8 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with lock.training(), fixed_threads(args.threads), torch.inference_mode():
                 fn(x[:1].contiguous())
         except Exception as exc:  # noqa: BLE001  (a loader's or Inductor's many error types)
-            first = next((line for line in str(exc).splitlines() if line.strip()), "")
-            entry["error"] = f"{type(exc).__name__}: {first[:500]}"
+            entry["error"] = fresh.error_line(exc)
             continue
         models.append(fn)
         timed.append(entry)
