@@ -360,7 +360,7 @@ def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: S
         queue.setdefault(json.dumps(params, sort_keys=True), (params, origin))
     # the budget edge and the solver take seconds to minutes: a second driver of a shared study may
     # have found it empty meanwhile and enqueued the same plan; only the first to get here enqueues
-    if any(True for t in study.get_trials(deepcopy=False) if t.number >= 0):
+    if study.get_trials(deepcopy=False):
         return
     for params, origin in list(queue.values())[:config.trials]:  # (more would stay WAITING in the study)
         study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: origin}, skip_if_exists=True)
