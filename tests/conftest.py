@@ -18,6 +18,64 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 
+# -- one local Ray, shared by the tests that ask for it ----------------------------------------------
+# A search uses a Ray that is already up and leaves it running (as in a user's notebook); starting
+# and stopping one per search cost more than a small search's trials (Ray's testing guide: share
+# the cluster between tests where you can). Tests that do not ask for it get none of it: their
+# searches start and stop their own Ray, with the user's code shipped as a runtime_env.
+_RAY = {"shared": False}
+
+
+def ray_up() -> None:
+    """Start the suite's shared local Ray (2 CPUs) unless a Ray is up. Its workers import
+    test modules by name as the tests do (pytest puts tests/ on the path)."""
+    import ray
+
+    from autoshrink.search.ray_backend import start_ray
+
+    if ray.is_initialized():
+        return
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, saved) if p)
+    try:
+        _RAY["shared"] = start_ray(None, num_cpus=2)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def ray_down() -> None:
+    """Stop the shared Ray if it is up (a Ray a test started itself is the test's business)."""
+    if _RAY["shared"]:
+        import ray
+
+        ray.shutdown()
+        _RAY["shared"] = False
+
+
+@pytest.fixture
+def shared_ray():
+    """The suite's shared local Ray, up for this test (``pytestmark = pytest.mark.usefixtures("shared_ray")``
+    for a module whose searches run in this process)."""
+    ray_up()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_ray_unless_asked(request):
+    """A test that does not ask for ``shared_ray`` runs with no Ray of the suite's up."""
+    if "shared_ray" not in request.fixturenames:
+        ray_down()
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ray_down()
+
+
 @pytest.fixture(scope="session")
 def tiny_task():
     """A small ResNet-like CNN trained briefly on a subset of the digits task: real data, a real
@@ -119,6 +177,7 @@ def finished_search(tiny_task, tiny_space, tmp_path_factory):
                     test_data=TensorDataset(xs[:400], ys[:400]), example_input=tiny_task.example_input,
                     name="tiny")
     out = tmp_path_factory.mktemp("finished-search")
+    ray_up()
     result = ash.search(task, tiny_space, ash.Budget(latency_ms=50.0, size_mb=0.0125), trials=3, workers=1,
                         out=out, seed=0, progress=False, latency_runs=20)
     return result, out, task

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ray_up  # tests/conftest.py: the suite's one local Ray
 
 import autoshrink as ash
 from autoshrink.cli import main
@@ -30,6 +31,7 @@ with torch.no_grad():
 @pytest.fixture(scope="module")
 def run(tiny_task, tmp_path_factory):
     out = tmp_path_factory.mktemp("export-run")
+    ray_up()
     ash.sweep(
         tiny_task,
         [ash.Candidate.uniform(bits=8, prune=0.25, steps=20, batch_size=32),

@@ -155,6 +155,7 @@ def test_an_hf_image_model_applies_at_int8():
     assert _batches.logits_of(small(torch.randn(2, 1, 16, 16))).shape == (2, 3)
 
 
+@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 @pytest.mark.slow  # one Ray trial: pruned, int8, fine-tuned, lowered and compiled (~3 min on 2 cores)
 def test_an_hf_text_model_sweeps_with_dict_batches(tmp_path):
     task = _bert_task()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import ray_up  # tests/conftest.py: the suite's one local Ray
 
 import autoshrink as ash
 from autoshrink.cli import main
@@ -52,6 +53,7 @@ def test_sweep_rejects_what_is_not_a_candidate(tiny_task, tmp_path):
 def swept(tiny_task, tmp_path_factory):
     """An int8 candidate within 0.05 MB, and an fp32 one over it (measured, not fine-tuned)."""
     out = tmp_path_factory.mktemp("sweep")
+    ray_up()
     df = ash.sweep(tiny_task, ash.grid(bits=[8, 32], steps=[10], batch_size=32),
                    ash.Budget(size_mb=0.05), workers=1, out=out, progress=False, latency_runs=10)
     return df, out

@@ -76,6 +76,7 @@ def _user_task() -> ash.Task:
                     name="user-net")
 
 
+@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 @pytest.mark.slow  # three trials, each compiled twice (latency, accuracy): ~2 min on 2 cores
 def test_a_user_model_sweeps_without_changes(tmp_path):
     task = _user_task()

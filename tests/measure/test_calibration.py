@@ -242,6 +242,7 @@ def test_driver_records_measured_candidates_and_why_screening_is_off(tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 def test_a_search_screens_what_the_predictor_puts_far_over_budget(tiny_task, tiny_space, tmp_path, monkeypatch):
     """A real search (Ray, compiles, fine-tunes) with a calibration that meets the goal and a prediction
     rigged to put every sampled candidate with an fp32 stem at 1 s: those are told as screened, never sent

@@ -17,21 +17,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shared_ray():
-    """One local Ray for the module: a search uses a Ray already up and leaves it running."""
-    import ray
-
-    from autoshrink.search.ray_backend import start_ray
-
-    started = start_ray(None, num_cpus=2)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_digits():
     from autoshrink.tasks.digits import digits_data
 

@@ -146,6 +146,7 @@ def test_the_plan_lists_every_layer_the_head_included(run):
     assert abs(sum(layer["macs_share"] for layer in plan.values()) - 1) < 0.05
 
 
+@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 def test_a_time_limit_finishes_the_trial_in_flight_and_starts_no_more(tiny_task, tiny_space, tmp_path):
     start = time.monotonic()
     result = ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=3, workers=1,

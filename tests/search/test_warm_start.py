@@ -251,6 +251,7 @@ def test_cli_refusal_is_one_line(case, tmp_path, monkeypatch, capsys, tiny_space
 
 
 # -- end to end --------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 @pytest.mark.slow
 def test_warm_started_search_under_another_budget(finished_search, tiny_space, tmp_path):
     # the source: the suite's shared finished search (50 ms and 0.0125 MB; read, never written)

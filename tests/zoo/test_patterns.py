@@ -268,29 +268,6 @@ def digits_subset():
     return TensorDataset(xt[:64], yt[:64]), TensorDataset(xv[:64], yv[:64])
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One local Ray for every sweep of the module (a sweep uses a Ray already up and leaves it
-    running): starting and stopping one per model cost more than the model's trials."""
-    import os
-    from pathlib import Path
-
-    import ray
-
-    from autoshrink.search.ray_backend import start_ray
-
-    # Ray workers import the zoo by name, as the tests do (pytest puts tests/ on the path)
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
-        started = start_ray(None, num_cpus=2)
-        try:
-            yield
-        finally:
-            if started:
-                ray.shutdown()
-
-
 # the sweeps that run always: q/k/v heads, fixed-width forwards, padding="same", grouped multiplier,
 # Linear->GELU; the others repeat the same check (their plan/prune tests above run always)
 ALWAYS_SWEPT = {"qkv_vit", "same_pad", "multiplier", "gelu_mlp"}
