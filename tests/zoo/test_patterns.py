@@ -248,9 +248,9 @@ def test_apply_returns_a_model_that_trains():
 
 # -- the sweep of issue 11, one per zoo model ----------------------------------------------------
 # tiny on purpose (a few steps on a few samples): what is checked is that every candidate completes
-# with what it could not compress named, not how accurate it gets
+# with what it could not compress named, not how accurate it gets. Pruning alone (at a ratio that
+# leaves narrow layers) and pruning with int8 (which is int8 alone wherever pruning leaves a layer)
 CANDIDATES = [
-    Candidate.uniform(bits=8, steps=2, batch_size=16),
     Candidate.uniform(bits=32, prune=0.5, steps=2, batch_size=16),
     Candidate.uniform(bits=8, prune=0.25, steps=2, batch_size=16),
 ]
@@ -277,7 +277,7 @@ ALWAYS_SWEPT = {"qkv_vit", "same_pad", "multiplier", "gelu_mlp"}
 @pytest.mark.parametrize("name", [n if n in ALWAYS_SWEPT else pytest.param(n, marks=pytest.mark.heavy)
                                   for n in sorted(ZOO)])
 def test_zoo_sweep(name, digits_subset, shared_ray, tmp_path):
-    """uniform int8; fp32 pruned 0.5; int8 pruned 0.25: every row COMPLETE, pruned rows >= 20 %
+    """fp32 pruned 0.5; int8 pruned 0.25: every row COMPLETE, pruned rows >= 20 %
     fewer params, int8 rows with at least half of their Conv/Linear layers at int8, and what was
     left alone named with its layers and reason."""
     from types import SimpleNamespace
@@ -295,7 +295,7 @@ def test_zoo_sweep(name, digits_subset, shared_ray, tmp_path):
 
     df = ash.sweep(task, CANDIDATES, ash.Budget(size_mb=100), workers=1, out=tmp_path / "run", progress=False,
                    latency_runs=1)
-    assert df["state"].tolist() == ["COMPLETE"] * 3, df["error"].tolist()
+    assert df["state"].tolist() == ["COMPLETE"] * len(CANDIDATES), df["error"].tolist()
     study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     trials = {t.number: t for t in study.get_trials()}
     result = ash.load(tmp_path / "run")
@@ -325,7 +325,7 @@ def test_zoo_sweep(name, digits_subset, shared_ray, tmp_path):
         for group in chosen["unpruned_groups"]:
             assert "### Left uncompressed" in report and group["reason"].split(" (")[0] in report
     if name == "qkv_vit":  # q, k and v pruned alike, at widths the heads divide
-        comp = compress(model, CANDIDATES[1], task.example_input)
+        comp = compress(model, CANDIDATES[0], task.example_input)
         for layer in comp.pruned.layers:
             att = layer.attention
             assert att.query.out_features == att.key.out_features == att.value.out_features
