@@ -95,9 +95,13 @@ def _qat_steps(student, x, y, steps: int = 3) -> None:
     set_eval(student)
 
 
-# densenet_tiny_32 with AUTOSHRINK_HEAVY=1 (the same check per model, and the suite keeps to its 15
-# minutes on 2 cores); nets that concatenate channels (dual path, ShuffleNet) are pruned in tests/zoo
-@pytest.mark.parametrize("name", [n if n != "densenet_tiny_32" else pytest.param(n, marks=pytest.mark.heavy)
+# densenet_tiny_32 and mobilenetv2_32 with AUTOSHRINK_HEAVY=1 (the same check per model, and the
+# suite keeps to its 15 minutes on 2 cores): nets that concatenate channels (dual path, ShuffleNet)
+# and grouped/depthwise convs (multiplier) are pruned, quantized and lowered in tests/zoo always
+HEAVY = {"densenet_tiny_32", "mobilenetv2_32"}
+
+
+@pytest.mark.parametrize("name", [n if n not in HEAVY else pytest.param(n, marks=pytest.mark.heavy)
                                   for n in models.list_models()])
 def test_zoo_model_compresses_quantizes_and_lowers(name, digits):
     torch.manual_seed(0)

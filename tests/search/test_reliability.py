@@ -83,116 +83,20 @@ def _space(**finetune) -> ash.SearchSpace:
     }, source="faults.yaml")
 
 
-# -- trial failures --------------------------------------------------------------------------
-def test_failing_trials_are_recorded_and_the_search_goes_on(tiny_task, tmp_path):
-    """A trial that raises, one out of memory, one whose worker the OS kills, one whose loss
-    diverges: each is a FAIL row with its reason, and the next trial still runs."""
-    import faulthandler
-
-    task = _faulty_task(tiny_task, {0.25: "raise", 0.5: "oom", 0.75: "kill"})
-    space = _space(lr=[0.01, 1e9])
-    plan = [  # (stage1, stage2, lr) -> what must happen
-        ((0.25, 0.0, 0.01), State.FAIL, r"^RuntimeError: .*injected fault: this trial's model is broken"),
-        ((0.5, 0.0, 0.01), State.FAIL, r"^out of memory: RuntimeError: .*can't allocate memory: you tried "
-                                   r"to allocate 4611686018427387904 bytes"),
-        ((0.75, 0.0, 0.01), State.FAIL, r"^worker process died \(killed by the OS or crashed\), retried once"),
-        ((0.0, 0.5, 1e9), State.FAIL, r"^FloatingPointError: fine-tune loss became (nan|inf) at step \d+ "
-                                  r"\(lr=1e\+09\); try a lower learning rate"),
-        ((0.0, 0.0, 0.01), State.COMPLETE, r"^$"),  # misses the budget: measured, not fine-tuned
-    ]
-    out = tmp_path / "run"
-    out.mkdir()
-    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autoshrink",
-                                directions=STUDY_DIRECTIONS)
-    for (s1, s2, lr), _, _ in plan:
-        study.enqueue_trial({"prune.stage1": s1, "prune.stage2": s2, "lr": lr})
-    # the teacher's figures are not under test here: skip measuring them (a compilation)
-    study.set_user_attr(StudyAttr.TEACHER, {"accuracy": 90.0, "latency_ms": 1.0, "size_mb": 0.1})
-    # stage2 at 0.5 fits 2 MMACs (1.6), unpruned does not (2.2): the NaN trial gets fine-tuned
-    faulthandler.dump_traceback_later(900, exit=True)  # a hang fails the run instead of stalling it
-    try:
-        result = ash.search(task, space, ash.Budget(mmacs=2.0), trials=len(plan), workers=1, out=out,
-                            progress=False, latency_runs=10, early_stopping=False, screening=False)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    df = result.trials.set_index("number")
-    assert len(df) == len(plan)
-    for number, (_, state, reason) in enumerate(plan):
-        row = df.loc[number]
-        assert row["state"] == state, (number, row["error"])
-        assert pd.Series([row["error"]]).str.contains(reason).all(), (number, row["error"])
-    assert df.loc[4, "meets_budget"] == False  # noqa: E712
-    csv = pd.read_csv(out / "trials.csv")
-    assert csv["state"].tolist() == [state for _, state, _ in plan]
-
-
-@pytest.mark.parametrize("make, expected", [
-    (lambda: MemoryError("cannot allocate 64 GiB"), r"^out of memory: MemoryError: cannot allocate 64 GiB"),
-    (lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
-     r"^out of memory: RuntimeError: DefaultCPUAllocator"),
-    (lambda: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), r"^out of memory: RuntimeError"),
-    (lambda: ValueError("bad shape"), r"^ValueError: bad shape$"),
-])
-def test_failure_reasons_name_out_of_memory_even_when_wrapped(make, expected):
-    from autoshrink._worker import _reason
-
-    inner = make()
-    try:
-        try:
-            raise inner
-        except Exception as exc:
-            raise RuntimeError(f"the pruned model no longer runs ({exc})") from exc
-    except RuntimeError as outer:
-        wrapped = outer
-    assert re.search(expected, _reason(inner)), _reason(inner)
-    if isinstance(inner, ValueError):
-        assert _reason(wrapped).startswith("RuntimeError: the pruned model no longer runs")
-    else:
-        assert _reason(wrapped).startswith("out of memory: ") and str(inner) in _reason(wrapped)
-
-
-def test_a_trial_killed_before_it_was_sampled_is_rerun_with_its_given_params(tmp_path):
-    """kill -9 between Optuna's ask and the sampling: the trial is RUNNING with no params; a
-    baseline (enqueued) trial is re-run with the params it was given."""
-    from autoshrink.budget import Budget
-    from autoshrink.search import Driver, DriverConfig, TrialSettings
-
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                directions=STUDY_DIRECTIONS)
-    study.enqueue_trial({"prune.stage1": 0.25})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    for _ in range(2):  # the enqueued trial, then a sampled one, both killed before sampling
-        study.ask().set_user_attr(TrialAttr.DRIVER, f"{socket.gethostname()}:{dead}")
-    config = DriverConfig(budget=Budget(), out=tmp_path, settings=TrialSettings(latency_runs=10))
-    driver = Driver(task=None, space=None, study=study, config=config)
-    assert driver.fail_interrupted() == [(0, {"prune.stage1": 0.25})]
-    assert [t.state.name for t in study.trials] == [State.FAIL, State.FAIL]
-    assert {t.user_attrs[TrialAttr.ERROR] for t in study.trials} == {INTERRUPTED}
-
-
-def test_drivers_sharing_a_study_stop_at_the_total(tmp_path):
-    """Two drivers may both see room for the last trial and both ask: the later trial number is
-    the surplus one, recorded as not run and not counted."""
-    from autoshrink.search import SURPLUS, accounting
-
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                directions=STUDY_DIRECTIONS)
-    done = study.ask()
-    study.tell(done, [90.0, 1.0])
-    interrupted = study.ask()
-    interrupted.set_user_attr(TrialAttr.ERROR, INTERRUPTED)
-    study.tell(interrupted, state=State.FAIL.optuna)
-    running = [study.ask() for _ in range(2)]  # two drivers' last asks, both still RUNNING
-    assert accounting.committed(study.get_trials()) == 3  # the interrupted trial does not count
-    assert not accounting.is_surplus(study.get_trials(), running[0].number, total=2)
-    assert accounting.is_surplus(study.get_trials(), running[1].number, total=2)
-    running[1].set_user_attr(TrialAttr.ERROR, SURPLUS)
-    study.tell(running[1], state=State.FAIL.optuna)
-    assert accounting.committed(study.get_trials()) == 2
-
-
 # -- a killed, then interrupted, then resumed driver -----------------------------------------
+# (first in the module: the killed driver's Ray processes go away while the tests after it run)
+@pytest.fixture(scope="module")
+def orphans():
+    """Process trees that must go away on their own, each by its deadline: ``(tree, deadline,
+    what)``. Checked when the module's tests are done, so that the wait overlaps them."""
+    watched: list[tuple[dict[int, str], float, str]] = []
+    yield watched
+    for tree, deadline, what in watched:
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(2)
+        assert _alive(tree) == [], f"{what} are still running: {_alive(tree)}"
+
+
 DRIVER = """\
 import json, os, signal, sys
 
@@ -306,7 +210,7 @@ def _rows(db: Path) -> dict[int, dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, tmp_path):
+def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, tmp_path, orphans):
     """kill -9 the driver with a trial in flight, resume and Ctrl-C it with another in flight,
     resume again: the requested trials finish, the earlier rows are unchanged, the interrupted
     trials are FAIL 'interrupted' and re-run, and Ray's processes go away."""
@@ -369,12 +273,119 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
     assert csv.set_index("number").loc[1, "error"] == INTERRUPTED
 
     # Ray's processes: the stopped driver's at once, the killed driver's on their own (its agents
-    # notice the raylet is gone, then wait out a timeout reporting it to a GCS that is gone too)
+    # notice the raylet is gone, then wait out a timeout reporting it to a GCS that is gone too:
+    # ~45 s here), checked when this module's other tests are done
     assert _alive(ray_second) == []
-    deadline = killed_at + 240
-    while _alive(ray_first) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert _alive(ray_first) == []
+    orphans.append((ray_first, killed_at + 240, "the killed driver's Ray processes"))
+
+
+# -- trial failures --------------------------------------------------------------------------
+def test_failing_trials_are_recorded_and_the_search_goes_on(tiny_task, tmp_path):
+    """A trial that raises, one out of memory, one whose worker the OS kills, one whose loss
+    diverges: each is a FAIL row with its reason, and the next trial still runs."""
+    import faulthandler
+
+    task = _faulty_task(tiny_task, {0.25: "raise", 0.5: "oom", 0.75: "kill"})
+    space = _space(lr=[0.01, 1e9])
+    plan = [  # (stage1, stage2, lr) -> what must happen
+        ((0.25, 0.0, 0.01), State.FAIL, r"^RuntimeError: .*injected fault: this trial's model is broken"),
+        ((0.5, 0.0, 0.01), State.FAIL, r"^out of memory: RuntimeError: .*can't allocate memory: you tried "
+                                   r"to allocate 4611686018427387904 bytes"),
+        ((0.75, 0.0, 0.01), State.FAIL, r"^worker process died \(killed by the OS or crashed\), retried once"),
+        ((0.0, 0.5, 1e9), State.FAIL, r"^FloatingPointError: fine-tune loss became (nan|inf) at step \d+ "
+                                  r"\(lr=1e\+09\); try a lower learning rate"),
+        ((0.0, 0.0, 0.01), State.COMPLETE, r"^$"),  # misses the budget: measured, not fine-tuned
+    ]
+    out = tmp_path / "run"
+    out.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autoshrink",
+                                directions=STUDY_DIRECTIONS)
+    for (s1, s2, lr), _, _ in plan:
+        study.enqueue_trial({"prune.stage1": s1, "prune.stage2": s2, "lr": lr})
+    # the teacher's figures are not under test here: skip measuring them (a compilation)
+    study.set_user_attr(StudyAttr.TEACHER, {"accuracy": 90.0, "latency_ms": 1.0, "size_mb": 0.1})
+    # stage2 at 0.5 fits 2 MMACs (1.6), unpruned does not (2.2): the NaN trial gets fine-tuned
+    faulthandler.dump_traceback_later(900, exit=True)  # a hang fails the run instead of stalling it
+    try:
+        result = ash.search(task, space, ash.Budget(mmacs=2.0), trials=len(plan), workers=1, out=out,
+                            progress=False, latency_runs=10, early_stopping=False, screening=False)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    df = result.trials.set_index("number")
+    assert len(df) == len(plan)
+    for number, (_, state, reason) in enumerate(plan):
+        row = df.loc[number]
+        assert row["state"] == state, (number, row["error"])
+        assert pd.Series([row["error"]]).str.contains(reason).all(), (number, row["error"])
+    assert df.loc[4, "meets_budget"] == False  # noqa: E712
+    csv = pd.read_csv(out / "trials.csv")
+    assert csv["state"].tolist() == [state for _, state, _ in plan]
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: MemoryError("cannot allocate 64 GiB"), r"^out of memory: MemoryError: cannot allocate 64 GiB"),
+    (lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
+     r"^out of memory: RuntimeError: DefaultCPUAllocator"),
+    (lambda: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), r"^out of memory: RuntimeError"),
+    (lambda: ValueError("bad shape"), r"^ValueError: bad shape$"),
+])
+def test_failure_reasons_name_out_of_memory_even_when_wrapped(make, expected):
+    from autoshrink._worker import _reason
+
+    inner = make()
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise RuntimeError(f"the pruned model no longer runs ({exc})") from exc
+    except RuntimeError as outer:
+        wrapped = outer
+    assert re.search(expected, _reason(inner)), _reason(inner)
+    if isinstance(inner, ValueError):
+        assert _reason(wrapped).startswith("RuntimeError: the pruned model no longer runs")
+    else:
+        assert _reason(wrapped).startswith("out of memory: ") and str(inner) in _reason(wrapped)
+
+
+def test_a_trial_killed_before_it_was_sampled_is_rerun_with_its_given_params(tmp_path):
+    """kill -9 between Optuna's ask and the sampling: the trial is RUNNING with no params; a
+    baseline (enqueued) trial is re-run with the params it was given."""
+    from autoshrink.budget import Budget
+    from autoshrink.search import Driver, DriverConfig, TrialSettings
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                directions=STUDY_DIRECTIONS)
+    study.enqueue_trial({"prune.stage1": 0.25})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for _ in range(2):  # the enqueued trial, then a sampled one, both killed before sampling
+        study.ask().set_user_attr(TrialAttr.DRIVER, f"{socket.gethostname()}:{dead}")
+    config = DriverConfig(budget=Budget(), out=tmp_path, settings=TrialSettings(latency_runs=10))
+    driver = Driver(task=None, space=None, study=study, config=config)
+    assert driver.fail_interrupted() == [(0, {"prune.stage1": 0.25})]
+    assert [t.state.name for t in study.trials] == [State.FAIL, State.FAIL]
+    assert {t.user_attrs[TrialAttr.ERROR] for t in study.trials} == {INTERRUPTED}
+
+
+def test_drivers_sharing_a_study_stop_at_the_total(tmp_path):
+    """Two drivers may both see room for the last trial and both ask: the later trial number is
+    the surplus one, recorded as not run and not counted."""
+    from autoshrink.search import SURPLUS, accounting
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                directions=STUDY_DIRECTIONS)
+    done = study.ask()
+    study.tell(done, [90.0, 1.0])
+    interrupted = study.ask()
+    interrupted.set_user_attr(TrialAttr.ERROR, INTERRUPTED)
+    study.tell(interrupted, state=State.FAIL.optuna)
+    running = [study.ask() for _ in range(2)]  # two drivers' last asks, both still RUNNING
+    assert accounting.committed(study.get_trials()) == 3  # the interrupted trial does not count
+    assert not accounting.is_surplus(study.get_trials(), running[0].number, total=2)
+    assert accounting.is_surplus(study.get_trials(), running[1].number, total=2)
+    running[1].set_user_attr(TrialAttr.ERROR, SURPLUS)
+    study.tell(running[1], state=State.FAIL.optuna)
+    assert accounting.committed(study.get_trials()) == 2
 
 
 # -- two drivers, one study ------------------------------------------------------------------
