@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 from autoshrink.budget import Budget
 from autoshrink.candidate import Candidate
@@ -27,11 +28,13 @@ from autoshrink.search.config import (
 from autoshrink.space import SearchSpace
 from autoshrink.task import Task
 
-__all__ = ["budget_edge", "check_exportable", "check_reachable", "cheapest", "timing_context", "uniform_ratios"]
+__all__ = [
+    "budget_edge", "check_exportable", "check_reachable", "cheapest", "edge_probe", "timing_context", "uniform_ratios",
+]
 
 
 def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
-                base: Candidate | None = None) -> dict | None:
+                base: Candidate | None = None, probes: Sequence[list] = ()) -> dict | None:
     """The smallest uniform pruning ratio at which the all-int8 model meets ``budget``, by
     bisection over the space's pruning steps on exact size/MACs and *measured* latency (no
     fine-tuning: each probe costs one compress-lower-compile-time, a few seconds).
@@ -40,38 +43,29 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialS
     and keeps the search from spending trials on uniform ratios known to miss the budget.
     Assumes more pruning is never slower, which holds up to timing noise.
 
+    Args:
+        probes: probes already taken (:func:`edge_probe`, e.g. the one the reachability check
+            used): their ratios are not measured again (nor their time counted in ``seconds``).
+
     Returns:
         ``{"prune": ratio, "probes": [[ratio, latency_ms, size_mb, mmacs, meets], ...],
         "seconds": s, "error": ""}``; ``prune`` is None when no uniform ratio meets the budget
         or a probe failed (``error`` says why): the fixed baselines are used then. None when the
         budget sets no limit.
     """
-    from autoshrink.trial import evaluate
-
-    limits = budget.constraints()
-    if not limits:
+    if not budget.constraints():
         return None
     start = time.perf_counter()
-    base = base or space_defaults(space)
     ratios = uniform_ratios(space)
-    probe_budget = Budget(**{**limits, "latency_ms": 1e-9 if "latency_ms" in limits else None})
-    ctx = timing_context(settings)
-    probes: list[list] = []
-    seen: dict[float, bool] = {}
+    taken: list[list] = [list(p) for p in probes]
+    seen: dict[float, bool] = {p[0]: bool(p[4]) for p in taken}
 
     def meets(i: int) -> bool:
-        ratio = ratios[i]
-        if ratio not in seen:
-            cand = as_sampled(space, baselines(space, base, edge=ratio)[0])
-            r = evaluate(task, cand, probe_budget, ctx)
-            if r.error:
-                raise RuntimeError(r.error)
-            metrics = {TrialAttr.LATENCY_MS: r.latency_ms, TrialAttr.SIZE_MB: r.size_mb,
-                       TrialAttr.MMACS: r.mmacs}
-            ok = all(metrics[k] is not None and metrics[k] <= v for k, v in limits.items())
-            seen[ratio] = ok
-            probes.append([ratio, r.latency_ms, r.size_mb, r.mmacs, ok])
-        return seen[ratio]
+        if ratios[i] not in seen:
+            probe = edge_probe(task, space, budget, settings, base, ratio=ratios[i])
+            seen[ratios[i]] = probe[4]
+            taken.append(probe)
+        return seen[ratios[i]]
 
     edge: float | None = None
     error = ""
@@ -86,8 +80,34 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialS
             edge = ratios[hi]
     except Exception as exc:  # noqa: BLE001 - each trial records its own failure; no verdict here
         error = f"{type(exc).__name__}: {exc}"[:300]
-    return {"prune": edge, "probes": probes, "seconds": round(time.perf_counter() - start, 1),
+    return {"prune": edge, "probes": taken, "seconds": round(time.perf_counter() - start, 1),
             "error": error}
+
+
+def edge_probe(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
+               base: Candidate | None = None, *, ratio: float | None = None) -> list:
+    """One probe of :func:`budget_edge`: the all-int8 baseline at uniform pruning ``ratio``
+    (default: the space's least, i.e. unpruned) compressed, lowered, compiled and timed, with no
+    fine-tune. A probe over a size or MACs limit is not timed (no speed makes up for it).
+
+    Returns:
+        ``[ratio, latency_ms, size_mb, mmacs, meets]``, ``meets`` judged on every limit.
+
+    Raises:
+        RuntimeError: the candidate could not be compressed, compiled or timed.
+    """
+    from autoshrink.trial import evaluate
+
+    limits = budget.constraints()
+    ratio = uniform_ratios(space)[0] if ratio is None else ratio
+    cand = as_sampled(space, baselines(space, base or space_defaults(space), edge=ratio)[0])
+    probe_budget = Budget(**{**limits, "latency_ms": 1e-9 if "latency_ms" in limits else None})
+    r = evaluate(task, cand, probe_budget, timing_context(settings))
+    if r.error:
+        raise RuntimeError(r.error)
+    metrics = {TrialAttr.LATENCY_MS: r.latency_ms, TrialAttr.SIZE_MB: r.size_mb, TrialAttr.MMACS: r.mmacs}
+    ok = all(metrics[k] is not None and metrics[k] <= v for k, v in limits.items())
+    return [ratio, r.latency_ms, r.size_mb, r.mmacs, ok]
 
 
 def timing_context(settings: TrialSettings):
@@ -140,11 +160,15 @@ def check_exportable(task: Task) -> None:
 
 
 def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
-                    latency: bool) -> list[str]:
+                    latency: bool, *, met: list | None = None) -> list[str]:
     """Fail early when even the cheapest configuration of the space misses the budget, naming
     the minimum achievable. Size and MACs are computed exactly (~1 s); latency, when ``latency``
     is set, is measured on the compiled cheapest model, with a tolerance for timing noise, and
     measured again (up to ``LATENCY_PRECHECK_TRIES`` times, the fastest counts) before refusing.
+
+    ``met``: an :func:`edge_probe` just taken. When its configuration meets the whole budget, the
+    budget is reachable and nothing is compressed or timed again (the search measures that probe
+    anyway, for its budget edge: under a budget that does not bind, one compilation instead of two).
 
     Returns:
         Warnings, one line each, when the check could not give a verdict (the cheapest
@@ -159,7 +183,7 @@ def check_reachable(task: Task, space: SearchSpace, budget: Budget, settings: Tr
     from autoshrink.trial import evaluate
 
     limits = budget.constraints()
-    if not limits:
+    if not limits or (met is not None and met[4]):
         return []
     low = cheapest(space)
     x = task.example_input

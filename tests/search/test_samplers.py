@@ -284,6 +284,53 @@ def test_budget_edge_bisects_to_the_smallest_uniform_ratio_that_meets_the_budget
         assert ok == (latency <= budget_ms) and ok == (ratio >= edge)
 
 
+def test_a_probe_already_taken_is_not_timed_again(monkeypatch):
+    # the search takes the edge's unpruned probe before its reachability check; the edge reuses it
+    import autoshrink.trial as trial_mod
+    from autoshrink.search import TrialSettings, budget_edge
+    from autoshrink.search.preflight import edge_probe
+
+    timed = []
+
+    def fake_evaluate(task, cand, budget, ctx):
+        ratio = cand.prune_for("conv2")
+        timed.append(ratio)
+        return trial_mod.TrialResult(latency_ms=8.0 - 8 / 3 * ratio, size_mb=1.0, mmacs=10.0)
+
+    monkeypatch.setattr(trial_mod, "evaluate", fake_evaluate)
+    settings = TrialSettings(threads=1, latency_threads=1, latency_runs=5, seed=0, lock_dir=None)
+    budget = Budget(latency_ms=7.5)
+    first = edge_probe(None, _edge_space(), budget, settings)
+    assert first == [0.0, 8.0, 1.0, 10.0, False] and timed == [0.0]
+    found = budget_edge(None, _edge_space(), budget, settings, probes=[first])
+    assert found["prune"] == 0.25 and found["probes"][0] == first
+    assert timed.count(0.0) == 1 and len(timed) == len(found["probes"])
+
+
+def test_a_probe_that_meets_the_budget_makes_the_reachability_check_time_nothing(tiny_task, tiny_space,
+                                                                                 monkeypatch):
+    import autoshrink.trial
+    from autoshrink.search import TrialSettings, check_reachable
+    from autoshrink.trial import TrialResult
+
+    seen = []
+
+    def fake_evaluate(task, cand, budget, ctx):
+        seen.append(cand)
+        return TrialResult(latency_ms=3.0)
+
+    monkeypatch.setattr(autoshrink.trial, "evaluate", fake_evaluate)
+    settings = TrialSettings(threads=1, latency_threads=1, latency_runs=5, seed=0, lock_dir=None)
+    budget = ash.Budget(latency_ms=1.0)
+    assert check_reachable(tiny_task, tiny_space, budget, settings, latency=True,
+                           met=[0.0, 0.9, 0.01, 1.0, True]) == []
+    assert seen == []
+    # a probe that misses proves nothing: the cheapest configuration is timed (and refused here)
+    with pytest.raises(SearchError, match=r"has latency_ms 3 ms > 1\b"):
+        check_reachable(tiny_task, tiny_space, budget, settings, latency=True, met=[0.0, 1.2, 0.01, 1.0, False])
+    assert len(seen) == 3
+
+
 def test_baselines_start_at_the_budget_edge():
     space = _edge_space()
 
