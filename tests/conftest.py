@@ -183,6 +183,25 @@ def finished_search(tiny_task, tiny_space, tmp_path_factory):
     return result, out, task
 
 
+@pytest.fixture(scope="session")
+def second_search(finished_search, tiny_space, tmp_path_factory):
+    """A second real search, shared by the tests that only read it: warm-started from
+    ``finished_search`` under another budget (40 ms), 3 trials asked for and a time limit
+    (``minutes=1e-4``) that lets only the first start. Returns ``(result, out, seconds)``."""
+    import time
+
+    import autoshrink as ash
+
+    _, source, task = finished_search
+    out = tmp_path_factory.mktemp("second-search")
+    ray_up()
+    start = time.monotonic()
+    result = ash.search(task, tiny_space, ash.Budget(latency_ms=40.0), trials=3, workers=1, out=out,
+                        progress=False, latency_runs=10, enqueue_baselines=False, warm_start=source,
+                        minutes=1e-4)
+    return result, out, time.monotonic() - start
+
+
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.cuda`` tests run where torch sees a GPU and are skipped elsewhere;
     ``@pytest.mark.heavy`` ones (the same end-to-end check repeated over many models) run only

@@ -251,23 +251,21 @@ def test_cli_refusal_is_one_line(case, tmp_path, monkeypatch, capsys, tiny_space
 
 
 # -- end to end --------------------------------------------------------------------------------------
-@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 @pytest.mark.slow
-def test_warm_started_search_under_another_budget(finished_search, tiny_space, tmp_path):
-    # the source: the suite's shared finished search (50 ms and 0.0125 MB; read, never written)
+def test_warm_started_search_under_another_budget(finished_search, second_search):
+    # the source: the suite's shared finished search (50 ms and 0.0125 MB; read, never written);
+    # the second: warm-started from it under 40 ms (tests/conftest.py; its time limit lets one trial run)
     first, source, task = finished_search
     assert first.meta[StudyAttr.TEACHER_FINGERPRINT] == teacher_fingerprint(task.model)
     done = first.trials[first.trials["state"] == State.COMPLETE]
     assert len(done) >= 1
-    second = ash.search(task, tiny_space, ash.Budget(latency_ms=40.0), trials=1, workers=1,
-                        out=tmp_path / "b", progress=False, latency_runs=10, enqueue_baselines=False,
-                        warm_start=source)
+    second, out, _ = second_search
     summary = second.meta[StudyAttr.WARM_START]
     assert summary["from"] == str(source) and summary["copied"] + summary["left_out"] == len(done)
     # one trial of its own ran; the warm ones are not among its results
     own = second.trials[second.trials["state"] != State.WAITING]
     assert len(own) == 1 and own["number"].iloc[0] == summary["copied"]
-    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{tmp_path / 'b' / 'study.db'}")
+    study = optuna.load_study(study_name="autoshrink", storage=f"sqlite:///{out / 'study.db'}")
     warm = [t for t in study.trials if TrialAttr.WARM_FROM in t.user_attrs]
     assert len(warm) == summary["copied"] and all(t.user_attrs[TrialAttr.WARM_FROM]["run"] == str(source)
                                                    for t in warm)
