@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from autoshrink import _env
 from autoshrink.budget import Budget
@@ -271,7 +272,7 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
         check_exportable(task)
     machine = sample_load()  # before any timing: a busy machine makes every latency read high
     said = [load_warning(machine)]
-    probe = _first_edge_probe(task, space, budget, config)
+    probe, probe_s = _first_edge_probe(task, space, budget, config)
     said += check_reachable(task, space, budget, config.settings, latency=config.time_here, met=probe)
     for line in said:
         if line and config.progress:
@@ -292,7 +293,7 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
                           StudyAttr.GPUS_PER_TRIAL: config.settings.gpus_per_trial})
     requeue = driver.fail_interrupted()
     if config.enqueue_baselines and not any(True for _ in study.trials if _.number >= 0) and not config.resume:
-        _enqueue_baselines(task, space, budget, config, study, [probe] if probe else [])
+        _enqueue_baselines(task, space, budget, config, study, [probe] if probe else [], probe_s)
     for number, params in requeue:
         study.enqueue_trial(params, user_attrs={TrialAttr.RERUN_OF: number})
     if warm is not None:  # after the baselines: they keep the first numbers (the hand baseline is trial 0)
@@ -336,28 +337,31 @@ def _run(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, s
     return result
 
 
-def _first_edge_probe(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig) -> list | None:
-    """The budget edge's first probe (all-int8, unpruned), taken before the reachability check
-    when the search will look for the edge: when it meets the budget, the budget is reachable and
-    the cheapest configuration need not be timed. None when no edge is sought, or the probe failed
-    (the check and the edge then measure as they would without it)."""
+def _first_edge_probe(task: Task, space: SearchSpace, budget: Budget,
+                      config: SearchConfig) -> tuple[list | None, float]:
+    """The budget edge's first probe (all-int8, unpruned) and the seconds it took, taken before
+    the reachability check when the search will look for the edge: when it meets the budget, the
+    budget is reachable and the cheapest configuration need not be timed. ``(None, 0.0)`` when no
+    edge is sought, or the probe failed (the check and the edge then measure as they would without
+    it, and the edge records the failure)."""
     if config.resume or not config.enqueue_baselines or not config.time_here or budget.latency_ms is None:
-        return None
+        return None, 0.0
+    start = time.perf_counter()
     try:
-        return edge_probe(task, space, budget, config.settings)
+        return edge_probe(task, space, budget, config.settings), time.perf_counter() - start
     except Exception:  # noqa: BLE001 - no verdict from it: the check and the edge measure on their own
-        return None
+        return None, 0.0
 
 
 def _enqueue_baselines(task: Task, space: SearchSpace, budget: Budget, config: SearchConfig, study,
-                       probes: list[list] = ()) -> None:
+                       probes: list[list] = (), probes_s: float = 0.0) -> None:
     """The uniform int8 baselines, first in a new study; under a latency budget timed here,
     starting at the budget edge (``probes``: ones already taken); the solver's proposals right
     after that first baseline."""
     edge = None
     found = None
     if config.time_here and budget.latency_ms is not None:
-        found = budget_edge(task, space, budget, config.settings, probes=probes)
+        found = budget_edge(task, space, budget, config.settings, probes=probes, probes_s=probes_s)
         study.set_user_attr(StudyAttr.BUDGET_EDGE, found)
         edge = found and found["prune"]
         if found and found.get("error"):  # shown, not only stored: the baselines fall back to fixed ratios

@@ -34,7 +34,7 @@ __all__ = [
 
 
 def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialSettings,
-                base: Candidate | None = None, probes: Sequence[list] = ()) -> dict | None:
+                base: Candidate | None = None, probes: Sequence[list] = (), probes_s: float = 0.0) -> dict | None:
     """The smallest uniform pruning ratio at which the all-int8 model meets ``budget``, by
     bisection over the space's pruning steps on exact size/MACs and *measured* latency (no
     fine-tuning: each probe costs one compress-lower-compile-time, a few seconds).
@@ -45,7 +45,8 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialS
 
     Args:
         probes: probes already taken (:func:`edge_probe`, e.g. the one the reachability check
-            used): their ratios are not measured again (nor their time counted in ``seconds``).
+            used): their ratios are not measured again.
+        probes_s: the seconds those probes took (counted in ``seconds``).
 
     Returns:
         ``{"prune": ratio, "probes": [[ratio, latency_ms, size_mb, mmacs, meets], ...],
@@ -55,7 +56,7 @@ def budget_edge(task: Task, space: SearchSpace, budget: Budget, settings: TrialS
     """
     if not budget.constraints():
         return None
-    start = time.perf_counter()
+    start = time.perf_counter() - probes_s
     ratios = uniform_ratios(space)
     taken: list[list] = [list(p) for p in probes]
     seen: dict[float, bool] = {p[0]: bool(p[4]) for p in taken}

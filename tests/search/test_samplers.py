@@ -302,8 +302,9 @@ def test_a_probe_already_taken_is_not_timed_again(monkeypatch):
     budget = Budget(latency_ms=7.5)
     first = edge_probe(None, _edge_space(), budget, settings)
     assert first == [0.0, 8.0, 1.0, 10.0, False] and timed == [0.0]
-    found = budget_edge(None, _edge_space(), budget, settings, probes=[first])
+    found = budget_edge(None, _edge_space(), budget, settings, probes=[first], probes_s=30.0)
     assert found["prune"] == 0.25 and found["probes"][0] == first
+    assert found["seconds"] >= 30.0  # the probe taken before counts in the edge's time
     assert timed.count(0.0) == 1 and len(timed) == len(found["probes"])
 
 
