@@ -67,10 +67,11 @@ def run_trial(
     except Exception as exc:  # a trial's failure is data, not a crash of the search
         result = TrialResult(state=State.FAIL, error=_reason(exc), runtime=ctx.runtime)
     out = result.metrics()
-    from autoshrink.compress.quantize import patch_warnings
+    from autoshrink.compress.quantize import patch_warnings, weight_range_warning
     from autoshrink.record import TrialAttr
 
-    out[TrialAttr.PATCH_WARNINGS] = patch_warnings()  # torchao patches skipped in this worker: said, not hidden
+    # torchao patches skipped in this worker, and 7-bit int8 weights on its CPU: said, not hidden
+    out[TrialAttr.PATCH_WARNINGS] = patch_warnings() + [w for w in [weight_range_warning()] if w]
     for key, value in list(out.items()):
         if isinstance(value, float) and not math.isfinite(value):
             out[key] = None

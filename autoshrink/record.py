@@ -204,7 +204,9 @@ class TrialAttr:
     FP32_LAYERS = "fp32_layers"  # layer -> why it stayed fp32 though int8 was asked (its kernel did not compile)
     UNPRUNED_GROUPS = "unpruned_groups"  # [{"layers": [...], "reason": "left unpruned: ..."}, ...]
     UNCOUNTED_OPS = "uncounted_ops"  # operator -> calls fvcore did not count: mmacs is "at least"
-    PATCH_WARNINGS = "patch_warnings"  # torchao patches the worker could not install (autoshrink.compress.quantize)
+    # quantization caveats of the worker (autoshrink.compress.quantize): torchao patches it could not
+    # install, 7-bit int8 weights on a CPU without VNNI
+    PATCH_WARNINGS = "patch_warnings"
     WARM_FROM = "warm_from"  # {run, trial}: copied from an earlier study (sampler only; not counted, not a result)
     # the latency predictor: a screened candidate's predicted latency (its latency_ms stays empty: never
     # measured), and what a measured one's graph is made of (worker -> driver, a calibration example)

@@ -14,6 +14,16 @@ computes in int8); 32 bits leaves the layer in fp32. Only weight settings vary p
 activations of quantized layers are uint8 per-tensor everywhere, because mixing activation
 settings adds quantize/dequantize steps that cost more than they save.
 
+On x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Intel before Cascade Lake), the u8 x s8 int8
+kernels of oneDNN and ONNX Runtime multiply with ``vpmaddubsw``, which saturates the int16 sum of
+two products: a uint8 activation against a full-range int8 weight can overflow it, and the
+deployed model silently computes something other than the one calibrated (seen on such a CPU: a
+tiny MLP's int8 outputs off by 3.6x the tolerance, an int8 CNN's ONNX export keeping 62 % of its
+predictions). There 8-bit weights use 7 bits, [-64, 63] (255 x 64 x 2 fits in int16), which
+cannot overflow; activations keep their full range, so the ONNX export stays exact (QuantizeLinear
+saturates to the whole dtype). :func:`weight_range` says which applies on this machine;
+``AUTOSHRINK_INT8_WEIGHT_BITS=7`` / ``8`` overrides it (a model built here for another CPU).
+
 Compiling the lowered model (Inductor, and the fp32 fallback for int8 kernels that do not
 compile) is :mod:`autoshrink.compress.compile`; its names are re-exported here.
 
@@ -27,6 +37,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
+import platform
 import warnings
 from collections.abc import Iterable
 
@@ -53,6 +65,8 @@ __all__ = [
     "prepare_qat",
     "quantizable_layers",
     "quantized_weights",
+    "weight_range",
+    "weight_range_warning",
     "set_eval",
     "set_train",
     "unsupported_layers",
@@ -394,10 +408,50 @@ def _pattern_key(pattern, example_inputs, is_cuda, kwargs) -> tuple | None:
     return key
 
 
+@functools.cache
+def weight_range() -> tuple[int, int]:
+    """The integer range of 8-bit weights on this machine: ``(-128, 127)``, or ``(-64, 63)`` on an
+    x86 CPU without VNNI (no AVX512-VNNI, AVX-VNNI or AMX), where full-range weights can saturate
+    the int8 kernels' int16 sums (the module's docstring). ``AUTOSHRINK_INT8_WEIGHT_BITS`` = 7 / 8
+    forces it.
+
+    Example:
+        >>> weight_range() in ((-128, 127), (-64, 63))
+        True
+    """
+    forced = os.environ.get("AUTOSHRINK_INT8_WEIGHT_BITS", "").strip()
+    if forced:
+        if forced not in ("7", "8"):
+            raise ValueError(f"AUTOSHRINK_INT8_WEIGHT_BITS={forced!r}: use 8 (full-range int8 weights) or 7 "
+                             "(for x86 CPUs without VNNI)")
+        return (-128, 127) if forced == "8" else (-64, 63)
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return (-128, 127)
+    caps = torch.cpu.get_capabilities()
+    vnni = any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return (-128, 127) if vnni else (-64, 63)
+
+
+def weight_range_warning() -> str | None:
+    """One line for the run's warnings when this machine quantizes 8-bit weights to 7 bits (no
+    VNNI), naming the host; None where weights use the full int8 range."""
+    if weight_range() == (-128, 127):
+        return None
+    import socket
+
+    why = ("AUTOSHRINK_INT8_WEIGHT_BITS=7" if os.environ.get("AUTOSHRINK_INT8_WEIGHT_BITS", "").strip()
+           else "this x86 CPU has no VNNI, where full-range int8 weights saturate the int8 kernels")
+    return (f"8-bit weights were quantized to 7 bits ([-64, 63]) on {socket.gethostname()}: {why}; a model "
+            "for a CPU with VNNI (AVX512-VNNI, AVX-VNNI, AMX) can use all 8 with AUTOSHRINK_INT8_WEIGHT_BITS=8")
+
+
 def _quantizer(bits: dict[str, int], is_qat: bool):
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     base = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    low, high = weight_range()
+    if (low, high) != (base.weight.quant_min, base.weight.quant_max):
+        base = dataclasses.replace(base, weight=dataclasses.replace(base.weight, quant_min=low, quant_max=high))
     if is_qat:
         # The default QAT weight fake-quant (FusedMovingAvgObsFakeQuantize) trains with a scale
         # of amax / (n/2 - 1) but convert_pt2e recomputes it from its observer as amax / (n/2):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,3 +150,65 @@ def test_fp32_conv_feeding_an_int8_conv_bn_prepares():
     assert isinstance(student, torch.fx.GraphModule)
     set_eval(student)
     assert student(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+@pytest.fixture
+def weight_bits(monkeypatch):
+    """Set AUTOSHRINK_INT8_WEIGHT_BITS (None: unset) with weight_range's cache cleared around it."""
+    from autoshrink.compress import quantize
+
+    def use(value):
+        if value is None:
+            monkeypatch.delenv("AUTOSHRINK_INT8_WEIGHT_BITS", raising=False)
+        else:
+            monkeypatch.setenv("AUTOSHRINK_INT8_WEIGHT_BITS", value)
+        quantize.weight_range.cache_clear()
+
+    yield use
+    monkeypatch.delenv("AUTOSHRINK_INT8_WEIGHT_BITS", raising=False)
+    quantize.weight_range.cache_clear()
+
+
+@pytest.mark.parametrize(("caps", "expected"), [
+    ({"avx2": True}, (-64, 63)),  # AVX2 only (AMD Zen 1-3): vpmaddubsw's int16 sums would saturate
+    ({"avx2": True, "avx_vnni": True}, (-128, 127)),
+    ({"avx512_f": True, "avx512_vnni": True}, (-128, 127)),
+    ({"amx_int8": True}, (-128, 127)),
+])
+def test_weights_use_7_bits_only_on_an_x86_cpu_without_vnni(caps, expected, weight_bits, monkeypatch):
+    from autoshrink.compress import quantize
+
+    weight_bits(None)
+    monkeypatch.setattr(quantize.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert quantize.weight_range() == expected
+    assert (quantize.weight_range_warning() is None) == (expected == (-128, 127))
+    quantize.weight_range.cache_clear()
+    monkeypatch.setattr(quantize.platform, "machine", lambda: "aarch64")
+    assert quantize.weight_range() == (-128, 127)  # Arm's int8 dot products do not saturate so
+
+
+def test_the_weight_range_can_be_forced_and_a_bad_value_is_named(weight_bits):
+    from autoshrink.compress import quantize
+
+    weight_bits("7")
+    assert quantize.weight_range() == (-64, 63)
+    assert "AUTOSHRINK_INT8_WEIGHT_BITS=7" in quantize.weight_range_warning()
+    weight_bits("8")
+    assert quantize.weight_range() == (-128, 127) and quantize.weight_range_warning() is None
+    weight_bits("6")
+    with pytest.raises(ValueError, match=r"AUTOSHRINK_INT8_WEIGHT_BITS='6'.*use 8"):
+        quantize.weight_range()
+
+
+@pytest.mark.parametrize(("forced", "low", "high"), [("7", -64, 63), ("8", -128, 127)])
+def test_lowered_8_bit_weights_lie_in_the_machines_range(forced, low, high, weight_bits, tiny_task):
+    weight_bits(forced)
+    cand = Candidate(bits={"layer1.*": 8}, default_bits=32)
+    comp = compress(tiny_task.model, cand, tiny_task.example_input)
+    lowered = lower(prepare_ptq(comp.pruned, cand, tiny_task.example_input, [tiny_task.train_data.tensors[0][:32]]))
+    int_weights = [t for t in lowered.state_dict().values() if t.dtype == torch.int8]
+    assert int_weights, "no int8 weights: nothing was quantized"
+    assert min(int(t.min()) for t in int_weights) >= low and max(int(t.max()) for t in int_weights) <= high
+    # per-channel symmetric: each layer's largest weight reaches the range's end
+    assert max(int(t.abs().max()) for t in int_weights) >= high
