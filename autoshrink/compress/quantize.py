@@ -434,9 +434,14 @@ def weight_range() -> tuple[int, int]:
 
 def weight_range_warning() -> str | None:
     """One line for the run's warnings when this machine quantizes 8-bit weights to 7 bits (no
-    VNNI), naming the host; None where weights use the full int8 range."""
-    if weight_range() == (-128, 127):
-        return None
+    VNNI), naming the host; None where weights use the full int8 range. A bad
+    ``AUTOSHRINK_INT8_WEIGHT_BITS`` is returned as the line (every trial has failed on it already,
+    with the same message), not raised: the caller is a worker reporting what it did."""
+    try:
+        if weight_range() == (-128, 127):
+            return None
+    except ValueError as exc:
+        return str(exc)
     import socket
 
     why = ("AUTOSHRINK_INT8_WEIGHT_BITS=7" if os.environ.get("AUTOSHRINK_INT8_WEIGHT_BITS", "").strip()

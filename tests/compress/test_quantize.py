@@ -199,6 +199,7 @@ def test_the_weight_range_can_be_forced_and_a_bad_value_is_named(weight_bits):
     weight_bits("6")
     with pytest.raises(ValueError, match=r"AUTOSHRINK_INT8_WEIGHT_BITS='6'.*use 8"):
         quantize.weight_range()
+    assert "AUTOSHRINK_INT8_WEIGHT_BITS='6'" in quantize.weight_range_warning()  # a worker reports it
 
 
 @pytest.mark.parametrize(("forced", "low", "high"), [("7", -64, 63), ("8", -128, 127)])
