@@ -27,7 +27,7 @@ saturates to the whole dtype). :func:`weight_range` says which applies on this m
 Compiling the lowered model (Inductor, and the fp32 fallback for int8 kernels that do not
 compile) is :mod:`autoshrink.compress.compile`; its names are re-exported here.
 
-Long module (~650 lines): the PT2E plan (export, annotate, prepare, fold, lower) is one pipeline
+Long module (~700 lines): the PT2E plan (export, annotate, prepare, fold, lower) is one pipeline
 whose steps share the graph conventions they rely on, and the torchao patches that keep it
 working on this torchao release sit next to the steps they patch.
 """
