@@ -15,7 +15,11 @@
    and scored on the other half, and k-fold; median relative error and Kendall τ, with the
    machine key. Every measurement is also recorded as a calibration example of this machine, and
    the stored calibration is refitted on all of them (a search screens with it where it meets
-   its goal).
+   its goal). ``--repeat`` measures every candidate a second time (again as a trial does: a fresh
+   lowering, compile and timing) and prints the **noise ceiling**: Kendall τ and the median relative
+   difference between the two measurements of the same candidates. No predictor can rank held-out
+   candidates better than the measurements rank themselves, so τ ≥ 0.9 is only a fair goal where
+   the ceiling is above it.
 
 Usage:
     python experiments/bench_overhead.py --task tiny --trials 6 --workers 2 --speedup 4 --predictor 15
@@ -74,7 +78,7 @@ def speedup(task, n: int, steps: int, out: Path) -> None:
     print(f"[speed-up] 2 workers over 1: {s1 / s2:.2f}x on the trials' span, {w1 / w2:.2f}x on the whole call")
 
 
-def predictor(task, space, n: int, seed: int) -> None:
+def predictor(task, space, n: int, seed: int, repeat: bool = False) -> None:
     """N sampled candidates, each predicted by the table (raw sum) and measured as a trial measures
     it; every measurement is recorded as a calibration example of this machine. Then raw vs
     calibrated, held out: fitted on the first half and scored on the second, and k-fold over all."""
@@ -90,7 +94,7 @@ def predictor(task, space, n: int, seed: int) -> None:
     pred = LatencyPredictor.for_machine()
     start = time.perf_counter()
     before = len(pred.table)
-    rows, structures = [], []
+    rows, structures, again = [], [], []
     for _ in range(n):
         cand = space.sample(study.ask())
         t0 = time.perf_counter()
@@ -104,7 +108,11 @@ def predictor(task, space, n: int, seed: int) -> None:
         pred.record(s, m)
         rows.append((p, m, t_pred, t_meas))
         structures.append(s)
-        print(f"  raw {p:7.3f} ms  measured {m:7.3f} ms  ({t_pred:5.1f} s vs {t_meas:5.1f} s)", flush=True)
+        second = ""
+        if repeat:
+            again.append(measured_latency_ms(task, cand))
+            second = f", again {again[-1]:7.3f} ms"
+        print(f"  raw {p:7.3f} ms  measured {m:7.3f} ms{second}  ({t_pred:5.1f} s vs {t_meas:5.1f} s)", flush=True)
     raw, measured = [r[0] for r in rows], [r[1] for r in rows]
     vectors = [cal.feature_vector(s, pred.table) for s in structures]
     print(f"[predictor] machine {pred.machine}; {n} candidates; table {before} -> {len(pred.table)} entries, "
@@ -122,6 +130,12 @@ def predictor(task, space, n: int, seed: int) -> None:
         k = cal.held_out(vectors, measured, raw, folds=5)
         print(f"[predictor] {k['folds']}-fold over all {n}: raw sum tau {k['raw_tau']:.2f}, median error "
               f"{k['raw_median_error']:.1%}; calibrated tau {k['tau']:.2f}, median error {k['median_error']:.1%}")
+    if repeat and n >= 2:
+        ceil_tau, ceil_diff = cal.score(again, measured)
+        raw_tau2, _ = cal.score(raw, [(a + b) / 2 for a, b in zip(measured, again, strict=True)])
+        print(f"[predictor] noise ceiling (each of the {n} measured twice, as a trial measures it): "
+              f"tau {ceil_tau:.2f} between the two measurements, median difference {ceil_diff:.1%}; "
+              f"raw sum tau {raw_tau2:.2f} against their mean")
     stored = pred.calibrate()
     if stored is not None:
         print(f"[predictor] stored calibration of this machine ({stored.n} recorded examples, this run's and "
@@ -140,6 +154,8 @@ def main() -> None:
     p.add_argument("--speedup", type=int, default=4, help="candidates of the speed-up sweeps (0: skip)")
     p.add_argument("--steps", type=int, default=300, help="fine-tune steps of the speed-up candidates")
     p.add_argument("--predictor", type=int, default=0, help="candidates to check the predictor on (0: skip)")
+    p.add_argument("--repeat", action="store_true",
+                   help="with --predictor: measure each candidate twice and print the noise ceiling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -155,7 +171,7 @@ def main() -> None:
     if args.speedup:
         speedup(task, args.speedup, args.steps, out / "speedup")
     if args.predictor:
-        predictor(task, space, args.predictor, args.seed)
+        predictor(task, space, args.predictor, args.seed, repeat=args.repeat)
     print(f"load average after: {os.getloadavg()[0]:.1f} (other processes share this machine if it is "
           f"above the workers in use)")
 

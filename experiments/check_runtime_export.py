@@ -4,7 +4,8 @@ Given a run folder made by ``autoshrink search --runtime onnxruntime|openvino --
 loads ``D/best/model.onnx`` (resp. ``model.xml``) in a FRESH Python process (``python -I``) that
 imports only the runtime and numpy (it checks ``sys.modules`` for torch and autoshrink and fails
 if either got in), opened with the settings of ``autoshrink/measure/fresh.py`` (loaded by its path,
-not imported as part of autoshrink: the same file the search's re-timing runs as its script), times it the way the search's gate does (:func:`autoshrink.runtimes.time_runtime`
+not imported as part of autoshrink: the same file the search's re-timing runs as its script),
+times it the way the search's gate does (:func:`autoshrink.runtimes.time_runtime`
 -> :func:`autoshrink.measure.latency.measure_latency`: batch 1, the recorded thread count, one untimed
 call, 10 warm-up calls, the median and quartiles of ``--runs`` timed calls of a prepared float32
 array, inside the machine lock's exclusive side), and scores the validation set in batches of 256
@@ -16,6 +17,10 @@ checks, against ``D/best/metrics.json`` (what the search recorded for the chosen
   (``latency_deployed_p25_ms``-``latency_deployed_p75_ms``, 100 calls in a fresh process) when the
   run has one, else the gate's (``latency_ms`` +- ``latency_iqr_ms``: the gate keeps the IQR's width,
   not its ends); ``--slack F`` widens the band by F x the recorded median (default 0: none);
+  ``--tries N`` (default 1) re-times in a new fresh process, up to N times in all, while this is
+  the only check that fails: interference from other processes only ever adds time, so one try
+  inside the band shows that the recorded figure is reproducible, where a 2-core machine shared
+  with other jobs has moved one sub-millisecond median past the band (every try's median is shown);
 - the median meets the latency budget;
 - the predictions give the recorded int8 accuracy (``accuracy``, on the validation split), to
   within one sample (a tie between two logits may round either way).
@@ -28,7 +33,8 @@ or trained) and hands it to the fresh process as such a file.
 Exit status 0 when every check passes, 1 when one fails, 2 for an unusable run folder.
 
 Usage:
-    python experiments/check_runtime_export.py D [--runs 60] [--slack 0] [--val-npz val.npz] [--json out.json]
+    python experiments/check_runtime_export.py D [--runs 60] [--slack 0] [--tries 1] [--val-npz val.npz]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from pathlib import Path
 
 ARTIFACT = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
 FRESH = Path(__file__).resolve().parents[1] / "autoshrink" / "measure" / "fresh.py"
+BAND_CHECK = "median inside the recorded spread"
 EVAL_BATCH = 256  # Task.evaluate's batch size, the last batch padded to it (fixed_batch=True)
 
 
@@ -159,7 +166,7 @@ def judge(metrics: dict, fresh: dict, runtime: str, *, slack: float = 0.0) -> li
     lo_s, hi_s = lo - slack * med, hi + slack * med
     band = f"{lo_s:.3f}-{hi_s:.3f} ms ({what}{f', +-{slack:g}x median' if slack else ''}; median {med:.3f})"
     m = fresh["median_ms"]
-    rows.append(("median inside the recorded spread", band,
+    rows.append((BAND_CHECK, band,
                  f"{m:.3f} ms (IQR {fresh['p25_ms']:.3f}-{fresh['p75_ms']:.3f}, {fresh['runs']} runs)",
                  lo_s <= m <= hi_s))
     if trial.get("latency_ms_deployed") is not None and what.startswith("re-timed"):
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10, help="warm-up calls (the search's: 10)")
     p.add_argument("--slack", type=float, default=0.0,
                    help="widen the recorded spread by this fraction of its median (default 0)")
+    p.add_argument("--tries", type=int, default=1,
+                   help="re-time up to this many times in all while only the spread check fails (default 1)")
     p.add_argument("--json", help="also write the figures and verdicts to this file")
     args = p.parse_args(argv)
 
@@ -221,12 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="check-runtime-export-") as tmp:
         val = Path(args.val_npz) if args.val_npz else _validation_npz(args.task, Path(tmp) / "val.npz")
-        fresh = fresh_run(runtime, best, val, runs=args.runs, warmup=args.warmup, threads=threads)
+        medians = []
+        for attempt in range(max(1, args.tries)):
+            fresh = fresh_run(runtime, best, val, runs=args.runs, warmup=args.warmup, threads=threads)
+            rows = judge(metrics, fresh, runtime, slack=args.slack)
+            medians.append(fresh["median_ms"])
+            failed = {r[0] for r in rows if not r[3]}
+            if failed != {BAND_CHECK} or attempt + 1 >= args.tries:
+                break
+            time.sleep(2.0)
     load_after = os.getloadavg()
-    rows = judge(metrics, fresh, runtime, slack=args.slack)
     print(f"{best}: {runtime} {fresh['version']}, {threads} thread(s), batch 1; "
           f"data: {args.val_npz or f'{args.task} validation split (built with autoshrink, data only)'}")
     print_table(rows)
+    if len(medians) > 1:
+        print(f"{len(medians)} tries (only the spread check failed before the last): medians "
+              + ", ".join(f"{m:.3f}" for m in medians) + " ms")
     cores = os.cpu_count() or 1
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, on {cores} cores"
           + ("; other processes share the CPU, so latency figures are noisy" if load_after[0] > cores - 1 else ""))
@@ -235,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"fresh": fresh, "checks": [
             {"check": a, "recorded": b, "fresh": c, "pass": d} for a, b, c, d in rows], "pass": ok,
-            "load": [load_before[0], load_after[0]]}, indent=2))
+            "load": [load_before[0], load_after[0]], "tries_median_ms": medians}, indent=2))
     return 0 if ok else 1
 
 

@@ -124,9 +124,13 @@ def test_best_model_runs_in_that_runtime_alone_as_recorded(tiny_task, tiny_space
     spec.loader.exec_module(checker)
     np.savez(tmp_path / "val.npz", x=xv.numpy(), y=yv.numpy())
     assert best["latency_source"] == "deployed"
+    # a sub-millisecond median timed in two fresh processes minutes apart: stop 21's CI saw one land
+    # past the band on a shared 2-core machine, so the band gets up to 3 tries (the others must pass)
     report = tmp_path / "check.json"
-    code = checker.main([str(out), "--val-npz", str(tmp_path / "val.npz"), "--slack", "0.5", "--json", str(report)])
-    assert code == 0, json.loads(report.read_text())["checks"]
+    code = checker.main([str(out), "--val-npz", str(tmp_path / "val.npz"), "--slack", "0.5", "--tries", "3",
+                         "--json", str(report)])
+    got = json.loads(report.read_text())
+    assert code == 0, json.dumps({k: got[k] for k in ("checks", "load", "tries_median_ms")}, indent=1)
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
