@@ -30,7 +30,7 @@ from autoshrink.compress.distill import StopTrial, finetune
 from autoshrink.compress.prune import PRUNABLE
 from autoshrink.compress.quantize import Int8CompileError, compile_checked, compile_cpu, lower, prepare_ptq
 from autoshrink.measure.flops import Cost, model_cost
-from autoshrink.measure.latency import Latency, MachineLock, measure_latency
+from autoshrink.measure.latency import Latency, MachineLock, fixed_threads, measure_latency
 from autoshrink.record import State, TrialAttr  # State re-exported: how a trial ended
 from autoshrink.runtimes import DEFAULT as DEFAULT_RUNTIME
 from autoshrink.runtimes import RuntimeLatency, fp32_in_runtime, time_runtime
@@ -182,7 +182,10 @@ def evaluate(
                     deployable = rt.build(lower(ptq), x, threads=ctx.latency_threads)
                     break
                 try:
-                    compiled = compile_checked(lower(ptq), x)
+                    # compiled with the timing's thread count: Inductor's CPU kernels take it at
+                    # compile time, and Dynamo recompiled when the timer's count differed
+                    with fixed_threads(ctx.latency_threads):
+                        compiled = compile_checked(lower(ptq), x)
                     break
                 except Int8CompileError as exc:
                     if attempt or not exc.layers:

@@ -69,7 +69,9 @@ _POST_OPS = {"gelu", "relu", "hardtanh", "hardswish", "silu", "sigmoid", "tanh",
 def compile_checked(lowered: nn.Module, example_input: torch.Tensor):
     """:func:`compile_cpu` ``lowered`` and run it once, so that a compile failure shows here.
 
-    Inductor compiles on the first call. When its int8 lowering fails (torchao's x86
+    Inductor compiles on the first call, made here in inference mode as
+    :func:`~autoshrink.measure.latency.measure_latency` makes its calls, so that the timing reuses
+    this compilation. When its int8 lowering fails (torchao's x86
     ``qlinear_post_op_fusion`` asserting on some Linear -> GELU graphs, say), the error is
     translated to :class:`Int8CompileError` naming the int8 layers whose kernel is fused with the
     op after it (Linear layers for a ``qlinear`` pass, convs for ``qconv``, both otherwise), so
@@ -77,7 +79,9 @@ def compile_checked(lowered: nn.Module, example_input: torch.Tensor):
     """
     compiled = compile_cpu(lowered)
     try:
-        with torch.no_grad():
+        # in inference mode, as measure_latency calls it: the grad mode is one of Dynamo's guards,
+        # and a first call under no_grad made the timer's first call compile the whole model again
+        with torch.inference_mode():
             _batches.call(compiled, example_input)
     except Exception as exc:  # noqa: BLE001 - the compiler's error, translated with the layers
         text = f"{type(exc).__name__}: {exc}"
