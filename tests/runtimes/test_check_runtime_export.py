@@ -47,6 +47,9 @@ def test_the_shipped_artifacts_re_timing_is_the_spread_when_the_run_has_one():
     assert _verdicts(metrics, _fresh(median_ms=3.1))["median inside the recorded spread"]
     # slack widens the band by a fraction of the recorded median, and only when asked
     assert _verdicts(metrics, _fresh(median_ms=2.05), slack=0.5)["median inside the recorded spread"]
+    # and slack_ms by milliseconds
+    assert _verdicts(metrics, _fresh(median_ms=2.05), slack_ms=0.9)["median inside the recorded spread"]
+    assert not _verdicts(metrics, _fresh(median_ms=2.05), slack_ms=0.5)["median inside the recorded spread"]
 
 
 @pytest.mark.parametrize(("fresh", "metrics", "failed"), [
@@ -92,9 +95,10 @@ def test_an_openvino_search_passes_the_check_in_a_process_with_openvino_alone(ti
     np.savez(tmp_path / "val.npz", x=xv.numpy(), y=yv.numpy())
     report = tmp_path / "check.json"
     # a 2-core machine shared with other jobs moves sub-millisecond medians by half (as the e2e tests
-    # allow), and once (this test in a whole-suite run) past that: the band gets up to 3 tries
-    code = _checker().main([str(out), "--val-npz", str(tmp_path / "val.npz"), "--slack", "0.5", "--tries", "3",
-                            "--json", str(report)])
+    # allow), a fresh process runs these ~0.07 ms models up to ~0.05 ms slower, and once (this test
+    # in a whole-suite run) a median landed past that: the band gets up to 3 tries
+    code = _checker().main([str(out), "--val-npz", str(tmp_path / "val.npz"), "--slack", "0.5", "--slack-ms", "0.05",
+                            "--tries", "3", "--json", str(report)])
     got = json.loads(report.read_text())
     assert not got["fresh"]["torch_imported"] and not got["fresh"]["autoshrink_imported"]
     assert code == 0, json.dumps({k: got[k] for k in ("checks", "load", "tries_median_ms")}, indent=1)
