@@ -23,7 +23,7 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 # and stopping one per search cost more than a small search's trials (Ray's testing guide: share
 # the cluster between tests where you can). Tests that do not ask for it get none of it: their
 # searches start and stop their own Ray, with the user's code shipped as a runtime_env.
-_RAY = {"shared": False}
+_RAY = {"shared": False, "pinned": False}  # pinned: ray_up() was called during this test (its fixtures)
 
 
 def ray_up() -> None:
@@ -33,6 +33,7 @@ def ray_up() -> None:
 
     from autoshrink.search.ray_backend import start_ray
 
+    _RAY["pinned"] = True  # this test's searches (a fixture's included) run on it
     if ray.is_initialized():
         return
     tests_dir = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +53,8 @@ def ray_down() -> None:
     if _RAY["shared"]:
         import ray
 
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         _RAY["shared"] = False
 
 
@@ -64,11 +66,35 @@ def shared_ray():
     yield
 
 
+@pytest.fixture
+def no_ray():
+    """No Ray of the suite's is up in this process for this test (one that starts Ray itself
+    and checks what it started)."""
+    ray_down()
+    yield
+
+
 @pytest.fixture(autouse=True)
-def _no_shared_ray_unless_asked(request):
-    """A test that does not ask for ``shared_ray`` runs with no Ray of the suite's up."""
-    if "shared_ray" not in request.fixturenames:
-        ray_down()
+def _no_shared_ray_unless_asked(request, monkeypatch):
+    """A test that does not ask for ``shared_ray`` gets none of it: the shared Ray is stopped
+    right before the test's own search starts a Ray (``Driver.start_ray``, the one place the
+    package starts or joins one; not for the search of a fixture that called :func:`ray_up`), so
+    that the search starts its own, with the user's code shipped as a runtime_env, as it would
+    for a user. The shared Ray is left up for the tests that never start one: stopping it after
+    each of them made the next shared search pay a new Ray and cold workers (~20 s each time)."""
+    _RAY["pinned"] = False
+    if "shared_ray" not in request.fixturenames and _RAY["shared"]:
+        import importlib
+
+        driver = importlib.import_module("autoshrink.search.driver").Driver
+        real = driver.start_ray
+
+        def start_own(self) -> None:
+            if not _RAY["pinned"]:  # not a shared fixture's search (finished_search, ...)
+                ray_down()
+            real(self)
+
+        monkeypatch.setattr(driver, "start_ray", start_own)
     yield
 
 

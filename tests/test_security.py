@@ -222,7 +222,7 @@ def _descendants(root: int) -> set[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_ray_we_start_listens_on_loopback_only(tmp_path):
+def test_the_ray_we_start_listens_on_loopback_only(tmp_path, no_ray):
     import ray
 
     from autoshrink.budget import Budget

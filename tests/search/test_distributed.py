@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import ray_down  # tests/conftest.py: the suite's one local Ray
 
 import autoshrink as ash
 from autoshrink.measure.latency import LatencyMeter, program_bytes
@@ -41,8 +42,7 @@ def cluster():
     import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray_down()  # the suite's shared Ray, if up
     with pytest.MonkeyPatch.context() as mp:
         ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths live under it
         mp.setenv("RAY_TMPDIR", ray_tmp)
