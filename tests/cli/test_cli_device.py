@@ -9,6 +9,7 @@ import torch
 
 import autoshrink as ash
 import autoshrink.tasks as tasks
+from autoshrink import cli
 from autoshrink.cli import main
 
 
@@ -40,7 +41,9 @@ def nothing_builds(monkeypatch):
 
 @pytest.fixture
 def api(monkeypatch, tiny_task):
-    """search/sensitivity record their keyword arguments and stop; tasks.get records its own."""
+    """search/sensitivity record their keyword arguments and stop; tasks.get records its own.
+    The CLI's early reachability check (a real compile and timing, tested in tests/search) is
+    skipped: these tests are about the flags."""
     seen: dict = {}
 
     def get(name, **kwargs):
@@ -56,6 +59,7 @@ def api(monkeypatch, tiny_task):
     monkeypatch.setattr(tasks, "get", get)
     monkeypatch.setattr(tasks, "blueprint", lambda name: (tiny_task.model, tiny_task.example_input))
     monkeypatch.setattr(ash, "search", stop("search"))
+    monkeypatch.setattr(cli, "_check_reachable_early", lambda *a, **k: None)
     monkeypatch.setattr(ash, "sensitivity", stop("sensitivity"))
     return seen
 
