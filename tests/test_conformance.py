@@ -95,10 +95,11 @@ def _qat_steps(student, x, y, steps: int = 3) -> None:
     set_eval(student)
 
 
-# densenet_tiny_32 and mobilenetv2_32 with AUTOSHRINK_HEAVY=1 (the same check per model, and the
-# suite keeps to its 15 minutes on 2 cores): nets that concatenate channels (dual path, ShuffleNet)
-# and grouped/depthwise convs (multiplier) are pruned, quantized and lowered in tests/zoo always
-HEAVY = {"densenet_tiny_32", "mobilenetv2_32"}
+# densenet_tiny_32, mobilenetv2_32 and vit_tiny_32 with AUTOSHRINK_HEAVY=1 (the same check per
+# model, and the suite keeps to its 15 minutes on 2 cores): nets that concatenate channels (dual
+# path, ShuffleNet) and grouped/depthwise convs (multiplier) are pruned, quantized and lowered in
+# tests/zoo always, and a ViT with q/k/v heads is swept there always (test_zoo_sweep[qkv_vit])
+HEAVY = {"densenet_tiny_32", "mobilenetv2_32", "vit_tiny_32"}
 
 
 @pytest.mark.parametrize("name", [n if n not in HEAVY else pytest.param(n, marks=pytest.mark.heavy)

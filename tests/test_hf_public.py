@@ -70,7 +70,11 @@ EXPECTED_UNPRUNED = {"swin": "window/patch partition"}
 EXPECTED_FP32 = {"bert": "Embedding has no int8 lowering"}
 
 
-@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in BUILDERS])
+HEAVY = ("mobilevit",)  # ~20 s to trace: its attention is vit's, its convs mobilenet_v2's
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.heavy if n in HEAVY
+                                                                   else pytest.mark.slow) for n in BUILDERS])
 def test_public_hf_model_plans_and_applies(name):
     model, x = BUILDERS[name]()
     before = sum(p.numel() for p in model.parameters())

@@ -78,6 +78,7 @@ def _user_task() -> ash.Task:
 
 @pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
 @pytest.mark.slow  # two trials, each compiled twice (latency, accuracy); fp32 pruning alone: tests/zoo
+@pytest.mark.heavy  # a user's model swept on Ray workers runs always in tests/test_multifile.py
 def test_a_user_model_sweeps_without_changes(tmp_path):
     task = _user_task()
     knobs = {"steps": 20, "batch_size": 32, "round_to": 8}

@@ -80,6 +80,8 @@ def test_an_inductor_run_or_a_missing_best_is_refused_in_one_line(tmp_path, caps
 
 
 @pytest.mark.slow
+# the ONNX Runtime search runs always (test_search_in_runtime_e2e.py), as do OpenVINO's trial artifacts
+@pytest.mark.heavy
 def test_an_openvino_search_passes_the_check_in_a_process_with_openvino_alone(tiny_task, tiny_space, tmp_path):
     import autoshrink as ash
     from autoshrink import runtimes

@@ -155,6 +155,7 @@ def _quick_task(tiny_task) -> ash.Task:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the two-driver search itself runs always on SQLite (tests/search/test_reliability.py)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PostgreSQL on a Unix socket")
 def test_two_search_drivers_share_one_postgres_study_without_losing_or_repeating_trials(tiny_task, pg_url,
                                                                                          tmp_path):

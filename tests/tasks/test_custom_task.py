@@ -308,6 +308,9 @@ def test_dataloaders_work_as_task_data():
     assert result.accuracy > teacher - 20
 
 
+# the CLI's real search of a --model runs always in tests/cli/test_cli_sigterm.py, image folders in
+# tests/tasks/test_imagefolder.py
+@pytest.mark.heavy
 def test_cli_search_with_a_user_model(tmp_path, user_module):
     from autoshrink.cli import main
 
