@@ -28,9 +28,9 @@ def tiny_digits():
     return TensorDataset(xt[:64], yt[:64]), TensorDataset(xv[:32], yv[:32])
 
 
-# with AUTOSHRINK_HEAVY=1: the searches themselves run always on the tiny task (tests/search), and
-# resnet20 (a three-stage net no bundled space fits) compresses, quantizes and lowers always
-# (tests/test_conformance.py)
+# with AUTOSHRINK_HEAVY=1: each task's default space is derived always (tests/space/test_auto_space.py),
+# the searches run always on the tiny task (tests/search), and resnet20 (a three-stage net no
+# bundled space fits) compresses, quantizes and lowers always (tests/test_conformance.py)
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", tasks.list_tasks())
 def test_built_in_architecture_searches_with_its_default_space(name, shared_ray, tiny_digits, tmp_path, monkeypatch):
