@@ -74,6 +74,15 @@ def no_ray():
     yield
 
 
+@pytest.fixture
+def no_finalize(monkeypatch):
+    """This test's searches skip the finalists' fresh-process re-timing and test-split scoring
+    (~15-20 s a search), for a test that checks neither (tests/search/test_finalize_e2e.py does)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("autoshrink.search"), "finalize", lambda *a, **k: [])
+
+
 @pytest.fixture(autouse=True)
 def _no_shared_ray_unless_asked(request, monkeypatch):
     """A test that does not ask for ``shared_ray`` gets none of it: the shared Ray is stopped

@@ -7,7 +7,6 @@ recorded whole-model timings, held-out scores, and screening with it.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,7 +243,7 @@ def test_driver_records_measured_candidates_and_why_screening_is_off(tmp_path, m
 
 @pytest.mark.slow
 @pytest.mark.heavy  # the driver's screening runs always above (test_driver_screens_a_far_candidate_...)
-@pytest.mark.usefixtures("shared_ray")  # tests/conftest.py: the suite's one local Ray
+@pytest.mark.usefixtures("shared_ray", "no_finalize")  # tests/conftest.py
 def test_a_search_screens_what_the_predictor_puts_far_over_budget(tiny_task, tiny_space, tmp_path, monkeypatch):
     """A real search (Ray, compiles, fine-tunes) with a calibration that meets the goal and a prediction
     rigged to put every sampled candidate with an fp32 stem at 1 s: those are told as screened, never sent
@@ -260,8 +259,6 @@ def test_a_search_screens_what_the_predictor_puts_far_over_budget(tiny_task, tin
         return 1e3 if s.layers[0].endswith(":q0") else 1.0
 
     monkeypatch.setattr(LatencyPredictor, "predict_structure", rigged)
-    # the finalists' re-timing in a fresh process (~15 s) is not what this checks: tests/search/test_finalize_e2e.py
-    monkeypatch.setattr(importlib.import_module("autoshrink.search"), "finalize", lambda *a, **k: [])
     out = tmp_path / "run"
     ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=1, workers=1, out=out, seed=1,
                sampler="random", progress=False, latency_runs=5, early_stopping=False, enqueue_baselines=False)

@@ -4,8 +4,6 @@ and the space's fine-tune is cut to 2 steps: the layer rules, pruning and int8 p
 
 from __future__ import annotations
 
-import importlib
-
 import optuna
 import pytest
 from torch.utils.data import TensorDataset
@@ -33,7 +31,8 @@ def tiny_digits():
 # bundled space fits) compresses, quantizes and lowers always (tests/test_conformance.py)
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", tasks.list_tasks())
-def test_built_in_architecture_searches_with_its_default_space(name, shared_ray, tiny_digits, tmp_path, monkeypatch):
+def test_built_in_architecture_searches_with_its_default_space(name, shared_ray, no_finalize, tiny_digits, tmp_path,
+                                                               monkeypatch):
     real_default = SearchSpace.default.__func__
 
     def short_default(cls):  # the bundled default (and the auto spaces built on it), 2 fine-tune steps
@@ -42,8 +41,6 @@ def test_built_in_architecture_searches_with_its_default_space(name, shared_ray,
         return cls.from_dict(d, source="default.yaml (2 fine-tune steps)")
 
     monkeypatch.setattr(SearchSpace, "default", classmethod(short_default))
-    # the finalists' re-timing in a fresh process (~20 s) is not what this checks: tests/search/test_finalize_e2e.py
-    monkeypatch.setattr(importlib.import_module("autoshrink.search"), "finalize", lambda *a, **k: [])
     model, x = tasks.blueprint(name)
     train, val = tiny_digits
     task = ash.Task(model=model, train_data=train, val_data=val, example_input=x, name=name)
