@@ -78,9 +78,14 @@ def no_ray():
 def no_finalize(monkeypatch):
     """This test's searches skip the finalists' fresh-process re-timing and test-split scoring
     (~15-20 s a search), for a test that checks neither (tests/search/test_finalize_e2e.py does)."""
+    _skip_finalize(monkeypatch)
+
+
+def _skip_finalize(mp: pytest.MonkeyPatch) -> None:
+    """Make ``search()`` skip the finalists' re-timing and test-split scoring (through ``mp``)."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("autoshrink.search"), "finalize", lambda *a, **k: [])
+    mp.setattr(importlib.import_module("autoshrink.search"), "finalize", lambda *a, **k: [])
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +230,6 @@ def second_search(finished_search, tiny_space, tmp_path_factory):
     (``minutes=1e-4``) that lets only the first start; no finalists' re-timing (its readers,
     test_search_e2e and test_warm_start, check neither it nor the test split; test_finalize_e2e
     checks those on ``finished_search``). Returns ``(result, out, seconds)``."""
-    import importlib
     import time
 
     import autoshrink as ash
@@ -235,7 +239,7 @@ def second_search(finished_search, tiny_space, tmp_path_factory):
     ray_up()
     start = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:  # as no_finalize: its readers check the trials, not the re-timing
-        mp.setattr(importlib.import_module("autoshrink.search"), "finalize", lambda *a, **k: [])
+        _skip_finalize(mp)
         result = ash.search(task, tiny_space, ash.Budget(latency_ms=40.0), trials=3, workers=1, out=out,
                             progress=False, latency_runs=10, enqueue_baselines=False, warm_start=source,
                             minutes=1e-4)
