@@ -191,6 +191,23 @@ def time_interleaved(calls: Sequence[Callable], x, *, rounds: int, runs: int, wa
     return times
 
 
+def cpu_window(seconds: float) -> dict | None:
+    """``/proc/stat`` before and after ``seconds`` of sleep, and this process's CPUs: what
+    :func:`autoshrink.measure.load.busy_cores` reads, taken here and parsed by the parent (this
+    process imports nothing of autoshrink's). None off Linux."""
+    try:
+        before = Path("/proc/stat").read_text()
+        time.sleep(seconds)
+        after = Path("/proc/stat").read_text()
+    except OSError:
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    return {"stat": [before, after], "cpus": cpus}
+
+
 def error_line(exc: BaseException) -> str:
     """Why an artifact could not be loaded or timed, in one line: the type and the first line."""
     first = next((line for line in str(exc).splitlines() if line.strip()), "")
@@ -206,6 +223,7 @@ def add_timing_arguments(p: argparse.ArgumentParser, input_help: str) -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lock-dir", default=None)
+    p.add_argument("--window-s", type=float, default=0.25, help="seconds of the busy-CPU window before timing")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,11 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         load = list(os.getloadavg())
     except (AttributeError, OSError):
         load = None
+    window = cpu_window(args.window_s)
     if runs_of:
         times = time_interleaved(runs_of, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup, lock=lock)
         for entry, t in zip(timed, times, strict=True):
             entry["times_ms"] = t
-    payload = {"results": results, "loadavg": load, "host": socket.gethostname(),
+    payload = {"results": results, "loadavg": load, "cpu_window": window, "host": socket.gethostname(),
                "imported": sorted(m for m in ("torch", "autoshrink") if m in sys.modules)}
     tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
     tmp.write_text(json.dumps(payload))

@@ -49,7 +49,7 @@ import torch
 
 from autoshrink.measure import fresh
 from autoshrink.measure.latency import MachineLock, fixed_threads, time_calls
-from autoshrink.measure.load import load_warning, sample_load
+from autoshrink.measure.load import WINDOW_S, busy_cores, load_warning, sample_load
 
 __all__ = [
     "DEPLOYED_COLUMNS",
@@ -365,7 +365,8 @@ def _remeasure_runtime(paths: list[str], example_input: torch.Tensor, *, runtime
         inp, out = Path(tmp) / "input.npy", Path(tmp) / "result.json"
         np.save(inp, example_input[:1].detach().cpu().float().contiguous().numpy())
         cmd = [sys.executable, "-I", fresh.__file__, "--runtime", runtime, "--input", str(inp), "--out", str(out),
-               "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
+               "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads),
+               "--window-s", str(WINDOW_S)]
         if lock_dir is not None:  # else the child's MachineLock reads $AUTOSHRINK_LOCK_DIR (-I keeps it)
             cmd += ["--lock-dir", str(lock_dir)]
         data = _run_child([*cmd, "--", *folders.values()], out, f"{len(paths)} {runtime} artifact(s)", timeout_s)
@@ -384,7 +385,15 @@ def _remeasure_runtime(paths: list[str], example_input: torch.Tensor, *, runtime
             raise OSError("no load average")
         return tuple(data["loadavg"])
 
-    load = sample_load(loadavg)
+    def busy() -> float | None:  # the child's window, read as busy_cores reads its own
+        window = data.get("cpu_window")
+        if not window:
+            return None
+        stats = iter(window["stat"])
+        return busy_cores(read=lambda: next(stats), sleep=lambda _s: None,
+                          cpus=set(window["cpus"]) if window.get("cpus") else None)
+
+    load = sample_load(loadavg, busy=busy)
     warning = load_warning(load)
     if data.get("imported"):  # e.g. a sitecustomize: the figure is then not the runtime's alone
         warning = "; ".join(w for w in (warning, f"the {runtime} timing process imported "
