@@ -1,0 +1,232 @@
+"""Can single gate timings rank candidates? Where the gate's noise comes from, and what a longer
+measurement would buy.
+
+``bench_noise.py`` asks how far one model's figure moves under a search-like load; this asks
+whether the budget gate's figures *rank* different candidates, which is what the latency
+predictor is scored on (Kendall τ, ``bench_overhead.py --predictor``) and what decides which
+candidates a search keeps. No predictor can rank better than the measurements rank themselves.
+
+K candidates are sampled from the space (as ``bench_overhead.py --predictor`` samples them), each
+compressed, PTQ-prepared, lowered and compiled C times with the trial's own path (int8, Inductor
+with freezing, one thread). Then R interleaved rounds: each round times every compiled model for
+one gate window (``--warmup`` untimed calls, then ``--runs`` timed calls, as
+:func:`autoshrink.measure.latency.measure_latency` does in a trial). It prints:
+
+1. every window's median, per compile (a column that moves in every row is machine-wide drift;
+   a compile steadily above its twin is compile-to-compile difference);
+2. the spread of each kind: the calls inside one window, one compile's windows across rounds, and
+   twin compiles of one candidate in the same round;
+3. the **noise ceiling** of each way of measuring: two independent measurements of every candidate,
+   each made of k windows from other rounds (k = 1 is today's gate; k adjacent rounds is a gate that
+   spreads its timing over k windows in time), drawn many times; Kendall τ between the two and their
+   median relative difference;
+4. with ``--continuous S``: the first ``--trace`` candidates each timed without a break for S
+   seconds, and how much the median of a block of calls moves between blocks, by block length
+   (does timing longer, without spreading, steady the figure?).
+
+Read it with the machine in mind: the figures describe the minutes it ran in. Run it alone.
+
+Usage:
+    python experiments/bench_gate_noise.py                       # digits ResNet-18, 10 x 2 compiles x 20 rounds
+    python experiments/bench_gate_noise.py --candidates 16 --compiles 1 --rounds 30 --continuous 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+BLOCKS_S = (0.15, 0.5, 1.0, 2.0, 5.0)
+
+
+def deployables(task, space, n: int, compiles: int, seed: int):
+    """``n`` sampled candidates, each lowered and compiled ``compiles`` times as a trial's gate does."""
+    import optuna
+
+    import autoshrink as ash
+    from autoshrink.compress import compress
+    from autoshrink.compress.quantize import compile_checked, lower, prepare_ptq
+    from autoshrink.measure.latency import fixed_threads
+    from autoshrink.record import STUDY_DIRECTIONS
+
+    study = optuna.create_study(directions=STUDY_DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=seed))
+    x = task.example_input[:1]
+    calib = list(task.calibration_batches())
+    out = []
+    for k in range(n):
+        cand = space.sample(study.ask())
+        for c in range(compiles):
+            comp = compress(task.model, cand, task.example_input)
+            ptq = prepare_ptq(comp.pruned, ash.Candidate(bits=dict(comp.bits), default_bits=32), x, calib)
+            comp.verify(ptq)
+            with fixed_threads(1):  # Inductor's CPU kernels take the thread count at compile time
+                out.append(((k, c), compile_checked(lower(ptq), x)))
+    return x, out
+
+
+def timed_rounds(models, x, rounds: int, runs: int, warmup: int) -> dict:
+    """Per model, one list of ``runs`` call times (ms) per round, the models interleaved in every round."""
+    import torch
+
+    from autoshrink.measure.latency import fixed_threads, time_calls
+
+    calls = {key: [] for key, _ in models}
+    with fixed_threads(1), torch.inference_mode():
+        for _, m in models:
+            m(x)
+        for _ in range(rounds):
+            for key, m in models:
+                for _ in range(warmup):
+                    m(x)
+                calls[key].append(time_calls(m, x, runs))
+    return calls
+
+
+def estimate(how: str, windows: list[list[float]]) -> float:
+    """One measurement from ``windows`` of call times: ``median`` of all calls, ``p10`` of all
+    calls, ``min-median`` (the lowest window median) or ``min`` (the fastest call)."""
+    pooled = [t for w in windows for t in w]
+    if how == "median":
+        return statistics.median(pooled)
+    if how == "p10":
+        return statistics.quantiles(pooled, n=10)[0]
+    if how == "min-median":
+        return min(statistics.median(w) for w in windows)
+    if how == "min":
+        return min(pooled)
+    raise ValueError(how)
+
+
+def ceiling(per_candidate: list[list[list[float]]], how: str, k: int, adjacent: bool, draws: int,
+            rng: random.Random) -> tuple[float, float]:
+    """Mean Kendall τ and mean median relative difference between two independent measurements of
+    every candidate, each from ``k`` windows (adjacent rounds, or any rounds), drawn ``draws`` times."""
+    from autoshrink.measure.calibration import score
+
+    rounds = len(per_candidate[0])
+    taus, diffs = [], []
+    for _ in range(draws):
+        first, second = [], []
+        for windows in per_candidate:
+            if adjacent:
+                while True:
+                    i, j = rng.randrange(rounds - k + 1), rng.randrange(rounds - k + 1)
+                    if abs(i - j) >= k:
+                        break
+                a, b = windows[i:i + k], windows[j:j + k]
+            else:
+                picked = rng.sample(range(rounds), 2 * k)
+                a, b = [windows[i] for i in picked[:k]], [windows[i] for i in picked[k:]]
+            first.append(estimate(how, a))
+            second.append(estimate(how, b))
+        tau, diff = score(first, second)
+        taus.append(tau)
+        diffs.append(diff)
+    return statistics.mean(taus), statistics.mean(diffs)
+
+
+def cv(values: list[float]) -> float:
+    return statistics.pstdev(values) / statistics.mean(values)
+
+
+def continuous(models, x, seconds: float) -> None:
+    """Each model timed without a break for ``seconds``; the spread of block medians by block length."""
+    import torch
+
+    from autoshrink.measure.latency import fixed_threads, time_calls
+
+    print(f"[continuous] {len(models)} compiled candidates, each timed without a break for {seconds:g} s; "
+          "coefficient of variation (range) of the median of consecutive blocks of calls:")
+    with fixed_threads(1), torch.inference_mode():
+        for key, m in models:
+            for _ in range(20):
+                m(x)
+            times, end = [], time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                times.extend(time_calls(m, x, 10))
+            typical = statistics.median(times)
+            cells = []
+            for block_s in BLOCKS_S:
+                n = max(1, int(block_s * 1e3 / typical))
+                medians = [statistics.median(times[i:i + n]) for i in range(0, len(times) - n + 1, n)]
+                if len(medians) >= 3:
+                    spread = f"{cv(medians):.1%} ({min(medians):.2f}-{max(medians):.2f})"
+                    cells.append(f"{block_s:g} s ({n} calls): {spread}")
+            print(f"  candidate {key[0]} ({typical:.2f} ms, {len(times)} calls): " + " | ".join(cells), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="digits", help="a built-in digits task, untrained (digits, digits-resnet20, ...)")
+    p.add_argument("--candidates", type=int, default=10)
+    p.add_argument("--compiles", type=int, default=2, help="compilations of each candidate (twins)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--runs", type=int, default=60, help="timed calls in a window (the gate's default)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls before each window (the gate's default)")
+    p.add_argument("--draws", type=int, default=300, help="resampled pairs of measurements per estimate")
+    p.add_argument("--continuous", type=float, default=0.0, help="seconds of unbroken timing per traced candidate")
+    p.add_argument("--trace", type=int, default=4, help="candidates timed with --continuous")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.rounds < 6 or args.candidates < 3:
+        raise SystemExit("--rounds must be at least 6 and --candidates at least 3 (two measurements of k "
+                         "windows each, k up to 3, and a ranking needs a few candidates)")
+
+    from bench_overhead import untrained_task
+
+    from autoshrink import _env
+
+    _env.configure()
+    task, space = untrained_task(args.task)
+    start = time.perf_counter()
+    print(f"task {args.task} (untrained: timings depend on the shapes, not the weights); {os.cpu_count()} cores; "
+          f"load average before: {os.getloadavg()[0]:.1f}")
+    x, models = deployables(task, space, args.candidates, args.compiles, args.seed)
+    print(f"compiled {len(models)} models in {time.perf_counter() - start:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    calls = timed_rounds(models, x, args.rounds, args.runs, args.warmup)
+    window_s = (time.perf_counter() - t0) / args.rounds
+    print(f"[windows] {args.rounds} rounds x {len(models)} models x ({args.warmup} + {args.runs} calls), a round "
+          f"every {window_s:.1f} s; the median of each window (ms):")
+    medians = {key: [statistics.median(w) for w in ws] for key, ws in calls.items()}
+    for key, row in medians.items():
+        print(f"  candidate {key[0]} compile {key[1]}: " + " ".join(f"{v:6.2f}" for v in row))
+
+    within = statistics.median(cv(w) for ws in calls.values() for w in ws)
+    across = statistics.median(cv(row) for row in medians.values())
+    print(f"[spread] calls inside one window: median coefficient of variation {within:.1%}; one compile's "
+          f"window medians across rounds: {across:.1%}")
+    if args.compiles > 1:
+        twins = [abs(statistics.median(medians[(k, 0)]) / statistics.median(medians[(k, c)]) - 1)
+                 for k in range(args.candidates) for c in range(1, args.compiles)]
+        print(f"[spread] twin compiles of one candidate (the medians of their windows): median difference "
+              f"{statistics.median(twins):.1%}, largest {max(twins):.1%}")
+    first_third = max(1, args.rounds // 3)
+    drift = [statistics.median(row[-first_third:]) / statistics.median(row[:first_third]) for row in medians.values()]
+    print(f"[drift] last third of the rounds over the first third, per model: {min(drift):.2f}-{max(drift):.2f}x "
+          f"(median {statistics.median(drift):.2f}x)")
+
+    rng = random.Random(args.seed)
+    per_candidate = [calls[(k, 0)] for k in range(args.candidates)]
+    print(f"[ceiling] two independent measurements of each of the {args.candidates} candidates (first compile), "
+          f"{args.draws} draws: Kendall tau between them, median relative difference")
+    for how, k, adjacent, label in (
+            ("median", 1, True, "median of 1 window (the gate today)"),
+            ("p10", 1, True, "10th percentile of 1 window"),
+            ("min", 1, True, "fastest call of 1 window"),
+            ("median", 2, True, "median of 2 adjacent windows"),
+            ("median", 3, True, "median of 3 adjacent windows"),
+            ("min-median", 3, True, "lowest of 3 adjacent window medians"),
+            ("median", 3, False, "median of 3 windows from any rounds")):
+        tau, diff = ceiling(per_candidate, how, k, adjacent, args.draws, rng)
+        print(f"  {label:<40} tau {tau:.2f}  median difference {diff:.1%}")
+    if args.continuous > 0:
+        continuous([(key, m) for key, m in models if key[1] == 0][:args.trace], x, args.continuous)
+    print(f"{time.perf_counter() - start:.0f} s in all; load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
