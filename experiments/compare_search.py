@@ -14,8 +14,8 @@ One row per (method, seed): ``best_accuracy`` and ``best_latency_ms`` of the bes
 the budget as shipped (its finalists' re-timing from the saved artifact where the search re-timed
 it, the gate's figure elsewhere: what a search chooses on, :func:`as_shipped`), ``hypervolume`` of
 accuracy × latency with the fixed reference point (accuracy 0 %, latency = budget: only feasible
-trials count), ``wall_s``, and ``infeasible_finetune_s`` (seconds
-spent fine-tuning candidates that ended up over the budget: the gate should keep it at 0).
+trials count), ``wall_s``, and ``infeasible_finetune_s`` (seconds spent fine-tuning candidates that
+ended up over the budget: the gate should keep it at 0).
 
 Usage:
     python experiments/compare_search.py --trials 30 --seeds 3 --out runs/compare.csv   # the full one
@@ -235,8 +235,8 @@ def hypervolume_after(df: pd.DataFrame, fine_tuned: int, budget_ms: float) -> fl
 def report(table: pd.DataFrame, runs: Path, trials: int, budget_ms: float) -> str:
     """The Markdown summary of a comparison: per method the seeds where it found a model under the
     budget at all (a seed without one has no best accuracy and is left out of the means and of the
-    paired difference, so this column says how many the others stand on), the mean best accuracy, the seed-paired
-    difference of autoshrink's best accuracy to each other method with its standard error, the
+    paired difference, so this column says how many the others stand on), the mean best accuracy,
+    the seed-paired difference of autoshrink's best accuracy to each other method with its standard error, the
     mean hypervolume, the hypervolume autoshrink had after half the trials, and the wall time."""
     import math
 
