@@ -40,14 +40,19 @@ def default_storage(out: Path) -> str:
 
 def open_storage(url: str):
     """An Optuna storage for ``url``. SQLite waits up to a minute for a lock held by another
-    driver sharing the file (its default, 5 s, is too short on a loaded machine)."""
+    driver sharing the file (its default, 5 s, is too short on a loaded machine), and each of its
+    transactions takes the write lock when it begins (see :func:`_serialise_sqlite`)."""
     import optuna
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
+    sqlite = url.startswith("sqlite:")
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if sqlite else {}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            storage = optuna.storages.RDBStorage(url, **kwargs)
+            if sqlite:
+                _serialise_sqlite(storage.engine)
+            return storage
         except (IntegrityError, OperationalError, ProgrammingError):
             # two drivers creating one new store race to create its schema (PostgreSQL: its enum
             # types, then "relation already exists") and stamp its version; the loser finds the
@@ -56,6 +61,28 @@ def open_storage(url: str):
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _serialise_sqlite(engine) -> None:
+    """Make each SQLite transaction ``BEGIN IMMEDIATE`` (SQLAlchemy's recipe for pysqlite).
+
+    Python's sqlite3 begins a transaction only at its first write, so Optuna's read-then-write
+    steps are not atomic across processes: two drivers asking at once both read the same
+    enqueued (WAITING) trial and both set it RUNNING, then run it twice, and the second to finish
+    fails on a finished trial. Taking the lock at ``BEGIN`` makes the read and the write one
+    step; the other driver waits (up to the minute's timeout) instead.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made while Optuna set up the schema predate the hooks
 
 
 def check_study(storage, study_name: str, resume: bool, out: Path, space: SearchSpace | None,
