@@ -43,6 +43,10 @@ __all__ = ["DRIVER_ID", "Driver", "driver_alive", "run_trials"]
 #: who asked for a trial: ``"host:pid"`` of this process
 DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
+#: a driver names itself on a trial one write after Optuna's ``ask``; a RUNNING trial with no name
+#: younger than this may be a live driver's between the two writes, and is waited for, not failed
+OWNERLESS_GRACE_S = 30.0
+
 
 def run_trials(task: Task, study, total: int, config: DriverConfig, *, space: SearchSpace | None = None,
                propose: Callable[[Any], Candidate] | None = None, meta: dict | None = None) -> Driver:
@@ -130,11 +134,29 @@ class Driver:
         import optuna
 
         for t in self.study.get_trials(deepcopy=False, states=(State.RUNNING.optuna,)):
-            if driver_alive(t.user_attrs.get(TrialAttr.DRIVER)):
-                continue  # another live driver on this storage owns it
+            t = self._owned(t)
+            if t is None or driver_alive(t.user_attrs.get(TrialAttr.DRIVER)):
+                continue  # another live driver on this storage owns it (or has finished it)
             optuna.Trial(self.study, t._trial_id).set_user_attr(TrialAttr.ERROR, Reason.INTERRUPTED)
             self.study.tell(t.number, state=State.FAIL.optuna)
         return accounting.reruns(self.study.get_trials(deepcopy=False))
+
+    def _owned(self, t, poll_s: float = 0.5):
+        """``t`` as it stands once it names its driver, or once ``grace_s`` has passed since it
+        started without a name (then it was killed between ask and naming); None if it finished
+        meanwhile. Another driver starting at the same moment asks between our two writes."""
+        import datetime as dt
+
+        grace_s = OWNERLESS_GRACE_S
+        while TrialAttr.DRIVER not in t.user_attrs and t.datetime_start is not None:
+            age = (dt.datetime.now() - t.datetime_start).total_seconds()
+            if age >= grace_s:
+                break
+            time.sleep(min(poll_s, grace_s - age))
+            t = next(x for x in self.study.get_trials(deepcopy=False) if x.number == t.number)
+            if t.state.is_finished():
+                return None
+        return t
 
     def committed(self) -> int:
         """Trials that count, running ones included (see :func:`accounting.committed`)."""

@@ -367,6 +367,89 @@ def test_a_trial_killed_before_it_was_sampled_is_rerun_with_its_given_params(tmp
     assert {t.user_attrs[TrialAttr.ERROR] for t in study.trials} == {INTERRUPTED}
 
 
+def test_a_trial_not_yet_named_by_a_starting_driver_is_waited_for_not_failed(tmp_path, monkeypatch):
+    """Two drivers starting together: one asks, and the other looks for interrupted trials before
+    the first has named itself on its trial. The unnamed young trial is waited for; once named by
+    a live driver it is left alone (failing it broke that driver's tell: CI, stop 25)."""
+    import threading
+
+    from autoshrink.budget import Budget
+    from autoshrink.search import Driver, DriverConfig, TrialSettings
+    from autoshrink.search import driver as driver_module
+
+    monkeypatch.setattr(driver_module, "OWNERLESS_GRACE_S", 20.0)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                directions=STUDY_DIRECTIONS)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        young = study.ask()  # the other driver's trial, between its ask and its naming
+        namer = threading.Timer(1.0, young.set_user_attr,
+                                (TrialAttr.DRIVER, f"{socket.gethostname()}:{other.pid}"))
+        namer.start()
+        config = DriverConfig(budget=Budget(), out=tmp_path, settings=TrialSettings(latency_runs=10))
+        driver = Driver(task=None, space=None, study=study, config=config)
+        t0 = time.monotonic()
+        assert driver.fail_interrupted() == []
+        waited = time.monotonic() - t0
+        namer.join()
+    finally:
+        other.kill()
+        other.wait()
+    assert 0.9 < waited < 10, waited  # until the name appeared, not the whole grace
+    assert [t.state.name for t in study.trials] == ["RUNNING"]
+
+
+def test_an_unnamed_trial_older_than_the_grace_is_interrupted(tmp_path, monkeypatch):
+    """A driver killed between Optuna's ask and naming itself: once the grace has passed, the
+    trial is failed as interrupted like any other."""
+    from autoshrink.budget import Budget
+    from autoshrink.search import Driver, DriverConfig, TrialSettings
+    from autoshrink.search import driver as driver_module
+
+    monkeypatch.setattr(driver_module, "OWNERLESS_GRACE_S", 1.0)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                directions=STUDY_DIRECTIONS)
+    study.ask()
+    config = DriverConfig(budget=Budget(), out=tmp_path, settings=TrialSettings(latency_runs=10))
+    driver = Driver(task=None, space=None, study=study, config=config)
+    t0 = time.monotonic()
+    driver.fail_interrupted()
+    assert time.monotonic() - t0 < 5
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert study.trials[0].user_attrs[TrialAttr.ERROR] == INTERRUPTED
+
+
+_POP = """
+import json, sys, time
+import optuna
+from autoshrink.search.storage import open_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
+while time.time() < float(sys.argv[2]):
+    pass
+print(json.dumps([study.ask()._trial_id for _ in range(int(sys.argv[3]))]))
+"""
+
+
+def test_two_drivers_asking_at_once_never_claim_the_same_enqueued_trial(tmp_path):
+    """SQLite: Optuna's pop of an enqueued trial reads WAITING, then writes RUNNING; without a
+    lock taken at BEGIN both processes read it first and both run it (12 of 60 claimed twice
+    here before the fix, the cause of CI's "Trial#2 has already finished")."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    for i in range(40):
+        study.enqueue_trial({"x": float(i)})
+    start = time.time() + 3  # both past their imports, then asking in the same instant
+    procs = [subprocess.Popen([sys.executable, "-c", _POP, url, str(start), "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    claims = [json.loads(out) for out, _ in outs]
+    assert not set(claims[0]) & set(claims[1])
+    assert len(study.trials) == 60  # 40 popped once each, 20 sampled afresh
+
+
 def test_drivers_sharing_a_study_stop_at_the_total(tmp_path):
     """Two drivers may both see room for the last trial and both ask: the later trial number is
     the surplus one, recorded as not run and not counted."""
