@@ -62,7 +62,9 @@ def cluster():
 
 
 @pytest.mark.slow
-def test_search_on_a_cluster_times_latency_on_the_target(tiny_task, tiny_space, cluster, tmp_path):
+def test_search_on_a_cluster_times_latency_on_the_target(tiny_task, tiny_space, cluster, tmp_path, no_finalize):
+    # the trials and the study's records are checked here, not the finalists' re-timing (~20 s;
+    # tests/search/test_finalize_e2e.py checks it)
     c, target = cluster
     result = ash.search(tiny_task, tiny_space, ash.Budget(latency_ms=50.0), trials=2, workers=2,
                         out=tmp_path, seed=0, ray_address=c.address, progress=False, latency_runs=10)

@@ -112,6 +112,9 @@ with open(sys.argv[1], "rb") as fh:
     task, space, budget, kwargs = cloudpickle.load(fh)
 task.model.home_pid = os.getpid()  # this process is the driver now
 kwargs.update(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+if os.environ.get("AUTOSHRINK_TEST_NO_FINALIZE"):  # as the no_finalize fixture, for a test that checks neither
+    import autoshrink.search
+    autoshrink.search.finalize = lambda *a, **k: []
 try:
     ash.search(task, space, budget, **kwargs)
 except KeyboardInterrupt as exc:
@@ -121,10 +124,15 @@ except KeyboardInterrupt as exc:
 
 
 def _launch(tmp_path: Path, name: str, setup: Path, extra: dict | None = None, *,
-            hang: Path | None = None) -> subprocess.Popen:
+            hang: Path | None = None, finalize: bool = True) -> subprocess.Popen:
+    """Start a driver process on ``setup``; ``finalize=False`` skips the finalists' fresh-process
+    re-timing and test-split scoring (~10-20 s), which tests/search/test_finalize_e2e.py checks."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("AUTOSHRINK_TEST_NO_FINALIZE", None)
+    if not finalize:
+        env["AUTOSHRINK_TEST_NO_FINALIZE"] = "1"
     if hang is not None:
         hang.mkdir(exist_ok=True)
         env["AUTOSHRINK_TEST_HANG"] = str(hang)
@@ -254,7 +262,7 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
     assert after_interrupt[3]["attrs"][TrialAttr.ERROR] == INTERRUPTED
 
     # 3. resume to the end
-    third = _launch(tmp_path, "third", setup, {"resume": True})
+    third = _launch(tmp_path, "third", setup, {"resume": True}, finalize=False)  # the trials are checked
     assert third.wait(400) == 0, (tmp_path / "third.log").read_text()[-3000:]
     final = _rows(db)
     counted = [n for n, r in final.items() if r["attrs"].get(TrialAttr.ERROR) != INTERRUPTED]
