@@ -48,6 +48,7 @@ import torch.nn as nn
 from autoshrink import _batches
 from autoshrink._forward import run_with_hooks
 from autoshrink.candidate import Candidate
+from autoshrink.compress._patterns import PatternCache
 from autoshrink.compress.compile import Int8CompileError, compile_checked, compile_cpu
 
 __all__ = [
@@ -344,16 +345,10 @@ def _skip_empty_qspec_updates() -> None:
 
 
 def _memoize_pattern_exports() -> None:
-    """Export each of torchao's fixed rewrite patterns once per process, not once per call.
-
-    PT2E rewrites graphs by matching small pattern functions (conv-BN for QAT, its folded form
-    at convert, BatchNorm/dropout train<->eval), and torchao ``torch.export``\ s every pattern
-    afresh each time: ~100 exports (tens of seconds) per :func:`lower` of a QAT model, ~20 per
-    :func:`prepare_qat` and a few per :func:`set_eval`. A pattern depends only on its code, the
-    values its closure captured (bools, a conv function) and the input shapes, so the exported
-    graph is cached under those and handed out as a copy (the rewriter reads it, never keeps it).
-    Anything else (a closure over a tensor, an unknown layout) is exported as before.
-    """
+    """Export each of torchao's fixed rewrite patterns once, not once per call: in memory for the
+    process, on disk for the next one (:mod:`autoshrink.compress._patterns`). torchao exports
+    every pattern afresh each time it rewrites: ~100 exports (tens of seconds) per :func:`lower`
+    of a QAT model, ~20 per :func:`prepare_qat` and a few per :func:`set_eval`."""
     import importlib
 
     try:
@@ -363,15 +358,7 @@ def _memoize_pattern_exports() -> None:
         _patch_skipped("memoize-pattern-exports", "torchao.quantization.pt2e.utils._get_aten_graph_module_for_pattern",
                        exc, "each lower() of a QAT model exports its ~100 rewrite patterns again (slower, same result)")
         return
-    cache: dict[tuple, torch.fx.GraphModule] = {}
-
-    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
-        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
-        if key is None:
-            return original(pattern, example_inputs, is_cuda, **kwargs)
-        if key not in cache:
-            cache[key] = original(pattern, example_inputs, is_cuda, **kwargs)
-        return copy.deepcopy(cache[key])
+    cached = PatternCache(original)
 
     # the helpers import the function by name, so each importing module gets the wrapper too
     for name in ("utils", "qat_utils", "export_utils", "reference_representation_rewrite"):
@@ -382,30 +369,6 @@ def _memoize_pattern_exports() -> None:
         if getattr(mod, "_get_aten_graph_module_for_pattern", None) is original:
             mod._get_aten_graph_module_for_pattern = cached
     utils._get_aten_graph_module_for_pattern = cached
-
-
-def _pattern_key(pattern, example_inputs, is_cuda, kwargs) -> tuple | None:
-    fn = getattr(pattern, "fn", pattern) if isinstance(pattern, nn.Module) else pattern
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return None
-
-    def sig(v):
-        if isinstance(v, torch.Tensor):
-            return ("T", tuple(v.shape), v.dtype, v.device.type)
-        if v is None or isinstance(v, (bool, int, float, str)) or callable(v):
-            return v
-        raise TypeError
-
-    try:
-        cells = tuple(sig(c.cell_contents) for c in fn.__closure__ or ())
-        key = (code, cells, tuple(sig(d) for d in fn.__defaults__ or ()),
-               tuple(sig(x) for x in example_inputs), bool(is_cuda),
-               tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
-        hash(key)
-    except (TypeError, ValueError):
-        return None
-    return key
 
 
 @functools.cache
