@@ -619,7 +619,9 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
     predicted latency / size / MACs, differing pairwise in at least two rule choices. The
     knapsack's costs add up per rule; each solution is then costed as a whole candidate (exact
     size and MACs, the latency table over its real layer shapes) and one that misses the budget
-    is replaced by the next best (:func:`solve`'s ``exact``).
+    is replaced by the next best (:func:`solve`'s ``exact``); where the summed costs read low for
+    all of them, the knapsack is solved again with its base raised by the miss
+    (:func:`solve_shifted`).
 
     Args:
         task: the teacher and its data.
