@@ -482,7 +482,13 @@ def _drops(df: pd.DataFrame) -> tuple[dict[tuple[str, str, float], float], set[t
 class Coster:
     """A candidate's latency / size / MACs without compiling it: the teacher pruned by it (one
     pruned copy kept, as bits do not change the pruning), its bits as :func:`compress` resolves
-    them, ``predictor.predict_pruned`` times ``latency_scale``, and the exact size and MACs.
+    them, the ``predictor``'s prediction of its layers times ``latency_scale``, and the exact
+    size and MACs.
+
+    What a candidate's pruning gives (size, MACs, the :class:`~autoshrink.measure.calibration.Structure`
+    the latency table reads) is kept per candidate and shared with :meth:`relaxed`'s coster, so
+    a candidate is pruned once however often it is costed; only the latency prediction times
+    table entries, and only when asked for.
 
     Raises:
         ValueError: a latency metric without a ``predictor``.
@@ -494,30 +500,53 @@ class Coster:
             raise ValueError("a latency budget needs a latency predictor")
         self.task, self.metrics, self.predictor, self.latency_scale = task, list(metrics), predictor, latency_scale
         self.deadline = deadline  # time.monotonic() past which a costing raises SolverTimeout
-        self._plan: Any = None
-        self._pruned: Any = None  # one pruned copy at a time: a ResNet-18 is 45 MB
+        # shared with relaxed(): the pruned copy in hand (a ResNet-18 is 45 MB: one at a time) and,
+        # per candidate, what its pruning gives
+        self._shared: dict[str, Any] = {"plan": None, "pruned": None, "memo": {}, "metrics": list(metrics)}
+
+    def relaxed(self) -> Coster:
+        """This coster without the latency metric (no table entry is timed), sharing what is
+        pruned and counted, so that costing a candidate again with latency prunes nothing twice."""
+        other = Coster(self.task, [m for m in self.metrics if m != TrialAttr.LATENCY_MS], self.predictor,
+                       self.latency_scale, self.deadline)
+        other._shared = self._shared
+        return other
 
     def __call__(self, cand: Candidate) -> dict[str, float]:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise SolverTimeout
+        if not self.metrics:
+            return {}
+        memo = self._shared["memo"]
+        if cand not in memo:
+            memo[cand] = self._measure(cand)
+        got = memo[cand]
+        out = {m: got[m] for m in self.metrics if m != TrialAttr.LATENCY_MS}
+        if TrialAttr.LATENCY_MS in self.metrics:
+            out[TrialAttr.LATENCY_MS] = self.latency_scale * float(self.predictor.predict_structure(got["structure"]))
+        return {m: out[m] for m in self.metrics}
+
+    def _measure(self, cand: Candidate) -> dict[str, Any]:
+        """Size, MACs and the latency structure of ``cand`` (whichever the full metrics need)."""
         from autoshrink.compress import compress
         from autoshrink.compress.quantize import layer_bits, unsupported_layers
         from autoshrink.measure.flops import model_cost
 
         x = self.task.example_input
+        shared = self._shared
         plan = (tuple(cand.prune.items()), cand.default_prune, cand.round_to)
-        if plan != self._plan:
-            self._plan, self._pruned = plan, compress(self.task.model, cand, x).pruned
-        pruned = self._pruned
+        if plan != shared["plan"]:
+            shared["plan"], shared["pruned"] = plan, compress(self.task.model, cand, x).pruned
+        pruned = shared["pruned"]
         fp32 = unsupported_layers(pruned, cand)
         bits = {n: 32 if n in fp32 else b for n, b in layer_bits(pruned, cand).items()}
-        out = {}
-        if TrialAttr.SIZE_MB in self.metrics or TrialAttr.MMACS in self.metrics:
+        got: dict[str, Any] = {}
+        if TrialAttr.SIZE_MB in shared["metrics"] or TrialAttr.MMACS in shared["metrics"]:
             cost = model_cost(pruned, x, bits)
-            out[TrialAttr.SIZE_MB], out[TrialAttr.MMACS] = cost.size_mb, cost.mmacs
-        if TrialAttr.LATENCY_MS in self.metrics:
-            out[TrialAttr.LATENCY_MS] = self.latency_scale * float(self.predictor.predict_pruned(pruned, bits, x))
-        return {m: out[m] for m in self.metrics}
+            got[TrialAttr.SIZE_MB], got[TrialAttr.MMACS] = cost.size_mb, cost.mmacs
+        if TrialAttr.LATENCY_MS in shared["metrics"]:
+            got["structure"] = self.predictor.structure(pruned, bits, x)
+        return got
 
 
 def measure_problem(task: Task, space: SearchSpace, coster: Coster, *,
@@ -572,6 +601,46 @@ def measure_problem(task: Task, space: SearchSpace, coster: Coster, *,
 # --------------------------------------------------------------------------------------------
 
 
+def _whole(space: SearchSpace, problem: Problem, coster: Coster,
+           base: Candidate | None) -> Callable[[tuple[int, ...]], dict[str, float]]:
+    """A solution's costs as a whole candidate (they do not add up exactly: each is checked)."""
+    def whole(picks: tuple[int, ...]) -> dict[str, float]:
+        return coster(to_candidate(space, {label: problem.choices[r][i]
+                                           for r, (label, i) in enumerate(zip(problem.labels, picks, strict=True))},
+                                   base))
+    return whole
+
+
+def _solve_latency_last(task: Task, space: SearchSpace, coster: Coster, limits: Mapping[str, float], *, k: int,
+                        limit: int, base: Candidate | None):
+    """Solve without the latency limit, then check it on the solutions alone.
+
+    The latency table times an entry per new layer shape (seconds each, a first search on a
+    machine needs many), while size and MACs are counted exactly in milliseconds. Where the
+    solutions of the problem without the latency limit all meet it as whole candidates, they
+    are the solutions of the whole problem: each is the best of a larger set, and it is in the
+    smaller one (a lazy constraint, as branch-and-cut adds one only when a solution violates
+    it). Only their layers are then timed, not every choice's. Where one misses it, the caller
+    solves the whole problem; what was pruned and counted here is not done again.
+
+    Returns:
+        ``(problem, solutions, sensitivity_cached, shift)``: ``solutions`` empty when the
+        latency limit binds (or nothing meets the other limits: the whole problem says which).
+    """
+    relaxed = coster.relaxed()
+    others = {m: v for m, v in limits.items() if m != TrialAttr.LATENCY_MS}
+    problem, cached = measure_problem(task, space, relaxed, limit=limit)
+    solutions, shift = solve_shifted(problem, others, k=k, exact=_whole(space, problem, relaxed, base))
+    timed = _whole(space, problem, coster, base)
+    checked = []
+    for sol in solutions:
+        latency = timed(sol.picks)[TrialAttr.LATENCY_MS]
+        if latency > limits[TrialAttr.LATENCY_MS] + 1e-9 * max(1.0, abs(limits[TrialAttr.LATENCY_MS])):
+            return problem, [], cached, {}
+        checked.append(Solution(sol.picks, sol.drop, {**sol.predicted, TrialAttr.LATENCY_MS: latency}))
+    return problem, checked, cached, shift
+
+
 class SolverTimeout(Exception):
     """The solver ran past its time limit (:func:`propose`'s ``seconds``)."""
 
@@ -597,13 +666,14 @@ class Proposals:
     cached: bool = False
     latency_scale: float = 1.0
     shift: dict[str, float] = field(default_factory=dict)  # :func:`solve_shifted`'s raise of the base
+    latency_binds: bool | None = None  # None: no latency limit; False: checked on the solutions alone
     warning: str = ""
 
     def record(self) -> dict:
         """The study attribute: the proposals with their predicted costs and drops, and the time spent."""
         return {"proposals": self.solutions, "seconds": round(self.seconds, 1), "sensitivity_cached": self.cached,
                 "latency_scale": round(self.latency_scale, 4), "shift": {m: round(v, 4) for m, v in self.shift.items()},
-                "warning": self.warning}
+                "latency_binds": self.latency_binds, "warning": self.warning}
 
     def line(self) -> str:
         """One progress line: ``solver: 3 proposals in 41 s (sensitivity cached)``."""
@@ -621,7 +691,10 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
     size and MACs, the latency table over its real layer shapes) and one that misses the budget
     is replaced by the next best (:func:`solve`'s ``exact``); where the summed costs read low for
     all of them, the knapsack is solved again with its base raised by the miss
-    (:func:`solve_shifted`).
+    (:func:`solve_shifted`). A latency limit is added only where it binds: the problem is
+    first solved without it, and where its solutions all meet it by prediction they are kept,
+    having timed only their own layers (:func:`_solve_latency_last`; recorded as
+    ``latency_binds``).
 
     Args:
         task: the teacher and its data.
@@ -664,14 +737,17 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
             if ratios:
                 found.latency_scale = float(sorted(ratios)[len(ratios) // 2])
         coster = Coster(task, list(limits), predictor, found.latency_scale, deadline=t0 + limit_s)
-        problem, found.cached = measure_problem(task, space, coster, limit=limit)
-
-        def whole(picks: tuple[int, ...]) -> dict[str, float]:  # costs do not add up exactly: check each
-            return coster(to_candidate(space, {label: problem.choices[r][i]
-                                               for r, (label, i) in enumerate(zip(problem.labels, picks, strict=True))},
-                                       base))
-
-        solutions, found.shift = solve_shifted(problem, limits, k=k, exact=whole)
+        solutions: list[Solution] = []
+        cached = None
+        if predictor is not None:  # the latency limit as a lazy constraint: see _solve_latency_last
+            problem, solutions, cached, found.shift = _solve_latency_last(task, space, coster, limits, k=k,
+                                                                          limit=limit, base=base)
+            found.latency_binds = not solutions
+        if not solutions:
+            problem, again = measure_problem(task, space, coster, limit=limit)
+            cached = again if cached is None else cached  # (the first measure_problem filled the cache)
+            solutions, found.shift = solve_shifted(problem, limits, k=k, exact=_whole(space, problem, coster, base))
+        found.cached = bool(cached)
         if not solutions:
             found.warning = (f"no combination of the rules' choices meets {budget.describe()} by prediction; "
                              "no proposals")

@@ -116,6 +116,7 @@ def test_the_solver_proposals_follow_the_budget_edge(run):
     found = study.user_attrs[StudyAttr.SOLVER]
     assert not found["warning"], found
     assert 1 <= len(found["proposals"]) <= 3 and found["seconds"] > 0
+    assert found["latency_binds"] is False  # 50 ms: only the proposals' layers were timed
     for proposal in found["proposals"]:
         assert proposal["drop"] >= 0 and proposal["predicted"]["size_mb"] <= 0.0125 + 1e-9
     origins = [t.user_attrs.get(TrialAttr.PROPOSED_BY) for t in sorted(study.trials, key=lambda t: t.number)]

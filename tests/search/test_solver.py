@@ -404,3 +404,67 @@ def test_a_solver_past_its_time_limit_proposes_nothing_and_says_so(monkeypatch):
     monkeypatch.setenv("AUTOSHRINK_SOLVER_SECONDS", "soon")
     with pytest.raises(ValueError, match="AUTOSHRINK_SOLVER_SECONDS must be a number of seconds, got 'soon'"):
         solver_mod.default_seconds()
+
+
+# -- the latency limit as a lazy constraint ----------------------------------------------------------
+class _CountingCost:
+    """Size and latency of a 3-rule space from its bits, counting the latency asks (each would
+    time table entries); ``relaxed()`` shares the count, as :class:`Coster` shares its work."""
+
+    order = ["conv1", "layer1", "fc"]
+    size = {"conv1": 1.0, "layer1": 4.0, "fc": 2.0}
+
+    def __init__(self, metrics, asked=None):
+        self.metrics = list(metrics)
+        self.asked = [] if asked is None else asked
+
+    def relaxed(self):
+        return _CountingCost([m for m in self.metrics if m != LAT], self.asked)
+
+    def __call__(self, cand):
+        bits = {n: cand.bits.get(n, cand.default_bits) for n in self.order}
+        out = {SIZE: sum(self.size[n] * bits[n] / 32 for n in self.order)}
+        if LAT in self.metrics:
+            self.asked.append(cand)
+            out[LAT] = sum(0.5 if b < 32 else 1.0 for b in bits.values())
+        return {m: out[m] for m in self.metrics}
+
+
+@pytest.fixture
+def lazy_setup(monkeypatch):
+    import pandas as pd
+
+    from autoshrink import SearchSpace
+    from autoshrink.search import solver as solver_mod
+
+    space = SearchSpace.from_dict({"layers": [
+        {"name": "stem", "pattern": "conv1", "bits": [32, 8]},
+        {"name": "body", "pattern": "layer1", "bits": [32, 8]},
+        {"name": "head", "pattern": "fc", "bits": [32, 8]},
+    ]})
+    drops = pd.DataFrame({"layer": ["stem", "body", "head"], "kind": ["bits"] * 3, "value": [8.0] * 3,
+                          "accuracy": [90.0] * 3, "drop": [1.0, 0.5, 2.0], "params": [0] * 3})
+    monkeypatch.setattr(solver_mod, "sensitivity_table", lambda *a, **k: (drops, True))
+    return space, solver_mod
+
+
+def test_a_latency_limit_that_does_not_bind_times_only_the_solutions(lazy_setup):
+    space, solver_mod = lazy_setup
+    limits = {LAT: 10.0, SIZE: 4.0}  # size binds (the body must be 8 bits); any choice meets the latency
+    cost = _CountingCost([LAT, SIZE])
+    _, lazy, _, _ = solver_mod._solve_latency_last(None, space, cost, limits, k=3, limit=64, base=None)
+    assert lazy and len(cost.asked) == len(lazy)  # the latency of the solutions alone was asked for
+    full, _ = solver_mod.measure_problem(None, space, _CountingCost([LAT, SIZE]))
+    assert [s.picks for s in lazy] == [s.picks for s in solve(full, limits, k=3)]
+    assert all(s.predicted[LAT] <= 10.0 and s.predicted[SIZE] <= 4.0 for s in lazy)
+
+
+def test_a_latency_limit_that_binds_is_left_to_the_whole_problem(lazy_setup):
+    space, solver_mod = lazy_setup
+    limits = {LAT: 2.0, SIZE: 4.0}  # the best under the size limit alone (only the body at 8 bits) is 2.5 ms
+    cost = _CountingCost([LAT, SIZE])
+    problem, lazy, _, _ = solver_mod._solve_latency_last(None, space, cost, limits, k=3, limit=64, base=None)
+    assert lazy == [] and len(cost.asked) == 1  # stopped at the first solution that misses
+    full, _ = solver_mod.measure_problem(None, space, cost)
+    found = solve(full, limits, k=1)
+    assert found and found[0].predicted[LAT] <= 2.0
