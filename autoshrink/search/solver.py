@@ -621,7 +621,10 @@ def _solve_latency_last(task: Task, space: SearchSpace, coster: Coster, limits: 
     are the solutions of the whole problem: each is the best of a larger set, and it is in the
     smaller one (a lazy constraint, as branch-and-cut adds one only when a solution violates
     it). Only their layers are then timed, not every choice's. Where one misses it, the caller
-    solves the whole problem; what was pruned and counted here is not done again.
+    solves the whole problem; what was pruned and counted here is not done again. One difference:
+    among solutions of equal drop, :func:`solve` prefers headroom under the other limits only,
+    since the latency of the ones not chosen is not known; under a latency limit that does not
+    bind, that headroom matters least.
 
     Returns:
         ``(problem, solutions, sensitivity_cached, shift)``: ``solutions`` empty when the
