@@ -104,6 +104,7 @@ def test_installed_code_is_not_shipped():
 
 
 @pytest.mark.slow  # a real Ray sweep: one fp32 trial, one fine-tune step (~1 min on 2 cores)
+@pytest.mark.own_ray  # the user's code shipped to a Ray of the search's own, as for a user
 def test_a_two_file_model_sweeps_on_ray_workers(user_folder, tmp_path):
     df = ash.sweep(_task(build_model("mf_net:build")),
                    [ash.Candidate.uniform(bits=32, prune=0.0, steps=1, batch_size=32)],

@@ -30,6 +30,9 @@ def test_meter_times_a_program_sent_as_bytes(tmp_path):
     assert meter.where()["host"]
 
 
+pytestmark = pytest.mark.own_ray  # a local cluster of its own, in this process
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Head (1 CPU) + one worker node (1 CPU) marked as the latency target, all on 127.0.0.1.

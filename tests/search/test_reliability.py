@@ -288,6 +288,7 @@ def test_a_killed_then_interrupted_search_resumes_and_loses_nothing(tiny_task, t
 
 
 # -- trial failures --------------------------------------------------------------------------
+@pytest.mark.own_ray  # its search starts its own Ray in this process
 def test_failing_trials_are_recorded_and_the_search_goes_on(tiny_task, tmp_path):
     """A trial that raises, one out of memory, one whose worker the OS kills, one whose loss
     diverges: each is a FAIL row with its reason, and the next trial still runs."""

@@ -311,6 +311,7 @@ def test_dataloaders_work_as_task_data():
 # the CLI's real search of a --model runs always in tests/cli/test_cli_sigterm.py, image folders in
 # tests/tasks/test_imagefolder.py
 @pytest.mark.heavy
+@pytest.mark.own_ray
 def test_cli_search_with_a_user_model(tmp_path, user_module):
     from autoshrink.cli import main
 
