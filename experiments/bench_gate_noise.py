@@ -22,13 +22,20 @@ one gate window (``--warmup`` untimed calls, then ``--runs`` timed calls, as
    median relative difference;
 4. with ``--continuous S``: the first ``--trace`` candidates each timed without a break for S
    seconds, and how much the median of a block of calls moves between blocks, by block length
-   (does timing longer, without spreading, steady the figure?).
+   (does timing longer, without spreading, steady the figure?);
+5. with ``--reference``: a fixed reference model (the space's all-int8 unpruned candidate) is timed
+   at the start and at the end of every round, and every candidate's window is also read as a
+   ratio to it, scaled back to milliseconds by the reference's median over all rounds. Drift and
+   the noise ceiling are printed both ways: does a reference timed beside the candidate cancel
+   the machine's level switches? ``--pause S`` sleeps between rounds, so that the rounds span the
+   minutes over which this VM has been seen to change speed.
 
 Read it with the machine in mind: the figures describe the minutes it ran in. Run it alone.
 
 Usage:
     python experiments/bench_gate_noise.py                       # digits ResNet-18, 10 x 2 compiles x 20 rounds
     python experiments/bench_gate_noise.py --candidates 16 --compiles 1 --rounds 30 --continuous 20
+    python experiments/bench_gate_noise.py --candidates 8 --compiles 1 --rounds 20 --reference --pause 20
 """
 
 from __future__ import annotations
@@ -42,14 +49,24 @@ import time
 BLOCKS_S = (0.15, 0.5, 1.0, 2.0, 5.0)
 
 
-def deployables(task, space, n: int, compiles: int, seed: int):
-    """``n`` sampled candidates, each lowered and compiled ``compiles`` times as a trial's gate does."""
-    import optuna
-
+def compiled(task, cand, x, calib):
+    """``cand`` compressed, PTQ-prepared, lowered and compiled at one thread, as a trial's gate does."""
     import autoshrink as ash
     from autoshrink.compress import compress
     from autoshrink.compress.quantize import compile_checked, lower, prepare_ptq
     from autoshrink.measure.latency import fixed_threads
+
+    comp = compress(task.model, cand, task.example_input)
+    ptq = prepare_ptq(comp.pruned, ash.Candidate(bits=dict(comp.bits), default_bits=32), x, calib)
+    comp.verify(ptq)
+    with fixed_threads(1):  # Inductor's CPU kernels take the thread count at compile time
+        return compile_checked(lower(ptq), x)
+
+
+def deployables(task, space, n: int, compiles: int, seed: int):
+    """``n`` sampled candidates, each lowered and compiled ``compiles`` times as a trial's gate does."""
+    import optuna
+
     from autoshrink.record import STUDY_DIRECTIONS
 
     study = optuna.create_study(directions=STUDY_DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -59,16 +76,13 @@ def deployables(task, space, n: int, compiles: int, seed: int):
     for k in range(n):
         cand = space.sample(study.ask())
         for c in range(compiles):
-            comp = compress(task.model, cand, task.example_input)
-            ptq = prepare_ptq(comp.pruned, ash.Candidate(bits=dict(comp.bits), default_bits=32), x, calib)
-            comp.verify(ptq)
-            with fixed_threads(1):  # Inductor's CPU kernels take the thread count at compile time
-                out.append(((k, c), compile_checked(lower(ptq), x)))
+            out.append(((k, c), compiled(task, cand, x, calib)))
     return x, out
 
 
-def timed_rounds(models, x, rounds: int, runs: int, warmup: int) -> dict:
-    """Per model, one list of ``runs`` call times (ms) per round, the models interleaved in every round."""
+def timed_rounds(models, x, rounds: int, runs: int, warmup: int, pause_s: float = 0.0) -> dict:
+    """Per model, one list of ``runs`` call times (ms) per round, the models interleaved in every
+    round, ``pause_s`` seconds of sleep between rounds."""
     import torch
 
     from autoshrink.measure.latency import fixed_threads, time_calls
@@ -77,7 +91,9 @@ def timed_rounds(models, x, rounds: int, runs: int, warmup: int) -> dict:
     with fixed_threads(1), torch.inference_mode():
         for _, m in models:
             m(x)
-        for _ in range(rounds):
+        for r in range(rounds):
+            if r and pause_s > 0:
+                time.sleep(pause_s)
             for key, m in models:
                 for _ in range(warmup):
                     m(x)
@@ -158,6 +174,33 @@ def continuous(models, x, seconds: float) -> None:
             print(f"  candidate {key[0]} ({typical:.2f} ms, {len(times)} calls): " + " | ".join(cells), flush=True)
 
 
+def normalised(calls: dict, first, last) -> dict:
+    """Every model's windows read as ratios to the reference timed at the start (``first``) and at
+    the end (``last``) of the same round, scaled back to ms by the reference's median over all
+    rounds: each call of round r times ``median(ref) / mean(ref window medians of round r)``."""
+    ref = [(statistics.median(a) + statistics.median(b)) / 2 for a, b in zip(calls[first], calls[last], strict=True)]
+    typical = statistics.median(ref)
+    return {key: [[t * typical / ref[r] for t in w] for r, w in enumerate(ws)]
+            for key, ws in calls.items() if key not in (first, last)}
+
+
+def report(calls: dict, args, rng: random.Random, label: str) -> None:
+    """Drift and the noise ceiling of ``calls`` (first compile of each candidate)."""
+    medians = {key: [statistics.median(w) for w in ws] for key, ws in calls.items()}
+    across = statistics.median(cv(row) for row in medians.values())
+    first_third = max(1, args.rounds // 3)
+    drift = [statistics.median(row[-first_third:]) / statistics.median(row[:first_third]) for row in medians.values()]
+    print(f"[{label}] one compile's window medians across rounds: median coefficient of variation {across:.1%}; "
+          f"last third over first third {min(drift):.2f}-{max(drift):.2f}x (median {statistics.median(drift):.2f}x)")
+    per_candidate = [calls[(k, 0)] for k in range(args.candidates)]
+    for how, k, adjacent, text in (
+            ("median", 1, True, "median of 1 window (the gate today)"),
+            ("median", 3, True, "median of 3 adjacent windows"),
+            ("median", 3, False, "median of 3 windows from any rounds")):
+        tau, diff = ceiling(per_candidate, how, k, adjacent, args.draws, rng)
+        print(f"  {label}: {text:<40} tau {tau:.2f}  median difference {diff:.1%}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="digits", help="a built-in digits task, untrained (digits, digits-resnet20, ...)")
@@ -169,6 +212,10 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=300, help="resampled pairs of measurements per estimate")
     p.add_argument("--continuous", type=float, default=0.0, help="seconds of unbroken timing per traced candidate")
     p.add_argument("--trace", type=int, default=4, help="candidates timed with --continuous")
+    p.add_argument("--reference", action="store_true",
+                   help="time a fixed reference model at the start and end of every round, and report every "
+                        "figure also as a ratio to it (scaled back to ms)")
+    p.add_argument("--pause", type=float, default=0.0, help="seconds of sleep between rounds")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.rounds < 6 or args.candidates < 3:
@@ -185,9 +232,14 @@ def main() -> None:
     print(f"task {args.task} (untrained: timings depend on the shapes, not the weights); {os.cpu_count()} cores; "
           f"load average before: {os.getloadavg()[0]:.1f}")
     x, models = deployables(task, space, args.candidates, args.compiles, args.seed)
+    if args.reference:
+        import autoshrink as ash
+
+        ref = compiled(task, ash.Candidate.uniform(bits=8), x, list(task.calibration_batches()))
+        models = [(("ref", "start"), ref), *models, (("ref", "end"), ref)]
     print(f"compiled {len(models)} models in {time.perf_counter() - start:.0f} s", flush=True)
     t0 = time.perf_counter()
-    calls = timed_rounds(models, x, args.rounds, args.runs, args.warmup)
+    calls = timed_rounds(models, x, args.rounds, args.runs, args.warmup, args.pause)
     window_s = (time.perf_counter() - t0) / args.rounds
     print(f"[windows] {args.rounds} rounds x {len(models)} models x ({args.warmup} + {args.runs} calls), a round "
           f"every {window_s:.1f} s; the median of each window (ms):")
@@ -223,6 +275,12 @@ def main() -> None:
             ("median", 3, False, "median of 3 windows from any rounds")):
         tau, diff = ceiling(per_candidate, how, k, adjacent, args.draws, rng)
         print(f"  {label:<40} tau {tau:.2f}  median difference {diff:.1%}")
+    if args.reference:
+        print(f"[reference] the all-int8 unpruned model timed at the start and end of each round; {args.rounds} "
+              f"rounds over {(time.perf_counter() - t0) / 60:.1f} min; raw figures, then as ratios to it:")
+        raw = {key: ws for key, ws in calls.items() if key[0] != "ref"}
+        report(raw, args, random.Random(args.seed), "raw")
+        report(normalised(calls, ("ref", "start"), ("ref", "end")), args, random.Random(args.seed), "ratio")
     if args.continuous > 0:
         continuous([(key, m) for key, m in models if key[1] == 0][:args.trace], x, args.continuous)
     print(f"{time.perf_counter() - start:.0f} s in all; load average after: {os.getloadavg()[0]:.1f}")
