@@ -627,8 +627,10 @@ def _solve_latency_last(task: Task, space: SearchSpace, coster: Coster, limits: 
     bind, that headroom matters least.
 
     Returns:
-        ``(problem, solutions, sensitivity_cached, shift)``: ``solutions`` empty when the
-        latency limit binds (or nothing meets the other limits: the whole problem says which).
+        ``(problem, solutions, binds, sensitivity_cached, shift)``: ``problem`` without latency
+        costs; ``binds`` is True, with no solutions,
+        when one missed the latency limit (the whole problem is to be solved); no solutions and
+        ``binds`` False when nothing meets the other limits (nor, then, the whole budget).
     """
     relaxed = coster.relaxed()
     others = {m: v for m, v in limits.items() if m != TrialAttr.LATENCY_MS}
@@ -639,9 +641,9 @@ def _solve_latency_last(task: Task, space: SearchSpace, coster: Coster, limits: 
     for sol in solutions:
         latency = timed(sol.picks)[TrialAttr.LATENCY_MS]
         if latency > limits[TrialAttr.LATENCY_MS] + 1e-9 * max(1.0, abs(limits[TrialAttr.LATENCY_MS])):
-            return problem, [], cached, {}
+            return problem, [], True, cached, {}
         checked.append(Solution(sol.picks, sol.drop, {**sol.predicted, TrialAttr.LATENCY_MS: latency}))
-    return problem, checked, cached, shift
+    return problem, checked, False, cached, shift
 
 
 class SolverTimeout(Exception):
@@ -743,10 +745,9 @@ def propose(task: Task, space: SearchSpace, budget: Budget, *, k: int = 3, limit
         solutions: list[Solution] = []
         cached = None
         if predictor is not None:  # the latency limit as a lazy constraint: see _solve_latency_last
-            problem, solutions, cached, found.shift = _solve_latency_last(task, space, coster, limits, k=k,
-                                                                          limit=limit, base=base)
-            found.latency_binds = not solutions
-        if not solutions:
+            problem, solutions, found.latency_binds, cached, found.shift = _solve_latency_last(
+                task, space, coster, limits, k=k, limit=limit, base=base)
+        if predictor is None or found.latency_binds:
             problem, again = measure_problem(task, space, coster, limit=limit)
             cached = again if cached is None else cached  # (the first measure_problem filled the cache)
             solutions, found.shift = solve_shifted(problem, limits, k=k, exact=_whole(space, problem, coster, base))

@@ -452,8 +452,8 @@ def test_a_latency_limit_that_does_not_bind_times_only_the_solutions(lazy_setup)
     space, solver_mod = lazy_setup
     limits = {LAT: 10.0, SIZE: 4.0}  # size binds (the body must be 8 bits); any choice meets the latency
     cost = _CountingCost([LAT, SIZE])
-    _, lazy, _, _ = solver_mod._solve_latency_last(None, space, cost, limits, k=3, limit=64, base=None)
-    assert lazy and len(cost.asked) == len(lazy)  # the latency of the solutions alone was asked for
+    _, lazy, binds, _, _ = solver_mod._solve_latency_last(None, space, cost, limits, k=3, limit=64, base=None)
+    assert lazy and binds is False and len(cost.asked) == len(lazy)  # the solutions' latency alone was asked
     full, _ = solver_mod.measure_problem(None, space, _CountingCost([LAT, SIZE]))
     assert [s.picks for s in lazy] == [s.picks for s in solve(full, limits, k=3)]
     assert all(s.predicted[LAT] <= 10.0 and s.predicted[SIZE] <= 4.0 for s in lazy)
@@ -463,8 +463,16 @@ def test_a_latency_limit_that_binds_is_left_to_the_whole_problem(lazy_setup):
     space, solver_mod = lazy_setup
     limits = {LAT: 2.0, SIZE: 4.0}  # the best under the size limit alone (only the body at 8 bits) is 2.5 ms
     cost = _CountingCost([LAT, SIZE])
-    problem, lazy, _, _ = solver_mod._solve_latency_last(None, space, cost, limits, k=3, limit=64, base=None)
-    assert lazy == [] and len(cost.asked) == 1  # stopped at the first solution that misses
+    _, lazy, binds, _, _ = solver_mod._solve_latency_last(None, space, cost, limits, k=3, limit=64, base=None)
+    assert lazy == [] and binds is True and len(cost.asked) == 1  # stopped at the first solution that misses
     full, _ = solver_mod.measure_problem(None, space, cost)
     found = solve(full, limits, k=1)
     assert found and found[0].predicted[LAT] <= 2.0
+
+
+def test_other_limits_nothing_meets_need_no_latency_at_all(lazy_setup):
+    space, solver_mod = lazy_setup
+    cost = _CountingCost([LAT, SIZE])
+    _, lazy, binds, _, _ = solver_mod._solve_latency_last(None, space, cost, {LAT: 10.0, SIZE: 0.5}, k=3, limit=64,
+                                                       base=None)
+    assert lazy == [] and binds is False and cost.asked == []  # no latency asked: the whole budget is unmet too
