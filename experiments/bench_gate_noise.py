@@ -28,7 +28,9 @@ one gate window (``--warmup`` untimed calls, then ``--runs`` timed calls, as
    ratio to it, scaled back to milliseconds by the reference's median over all rounds. Drift and
    the noise ceiling are printed both ways: does a reference timed beside the candidate cancel
    the machine's level switches? ``--pause S`` sleeps between rounds, so that the rounds span the
-   minutes over which this VM has been seen to change speed.
+   minutes over which this VM has been seen to change speed. With ``--block N`` the reference is
+   also interleaved inside every window (N calls of the candidate, N of the reference), and the
+   window is read as a ratio to those calls.
 
 Read it with the machine in mind: the figures describe the minutes it ran in. Run it alone.
 
@@ -36,6 +38,7 @@ Usage:
     python experiments/bench_gate_noise.py                       # digits ResNet-18, 10 x 2 compiles x 20 rounds
     python experiments/bench_gate_noise.py --candidates 16 --compiles 1 --rounds 30 --continuous 20
     python experiments/bench_gate_noise.py --candidates 8 --compiles 1 --rounds 20 --reference --pause 20
+    python experiments/bench_gate_noise.py --candidates 8 --compiles 1 --rounds 18 --reference --block 5
 """
 
 from __future__ import annotations
@@ -80,14 +83,18 @@ def deployables(task, space, n: int, compiles: int, seed: int):
     return x, out
 
 
-def timed_rounds(models, x, rounds: int, runs: int, warmup: int, pause_s: float = 0.0) -> dict:
+def timed_rounds(models, x, rounds: int, runs: int, warmup: int, pause_s: float = 0.0,
+                 beside=None, block: int = 0) -> tuple[dict, dict]:
     """Per model, one list of ``runs`` call times (ms) per round, the models interleaved in every
-    round, ``pause_s`` seconds of sleep between rounds."""
+    round, ``pause_s`` seconds of sleep between rounds. With ``beside`` (a reference model) and
+    ``block``, each model's window alternates ``block`` calls of it with ``block`` calls of the
+    reference; the second dict holds those reference calls, per model and round."""
     import torch
 
     from autoshrink.measure.latency import fixed_threads, time_calls
 
     calls = {key: [] for key, _ in models}
+    ref_calls = {key: [] for key, _ in models}
     with fixed_threads(1), torch.inference_mode():
         for _, m in models:
             m(x)
@@ -97,8 +104,24 @@ def timed_rounds(models, x, rounds: int, runs: int, warmup: int, pause_s: float 
             for key, m in models:
                 for _ in range(warmup):
                     m(x)
-                calls[key].append(time_calls(m, x, runs))
-    return calls
+                if beside is None or block < 1:
+                    calls[key].append(time_calls(m, x, runs))
+                    continue
+                mine, ref = [], []
+                while len(mine) < runs:
+                    mine += time_calls(m, x, min(block, runs - len(mine)))
+                    ref += time_calls(beside, x, block)
+                calls[key].append(mine)
+                ref_calls[key].append(ref)
+    return calls, ref_calls
+
+
+def normalised_beside(calls: dict, ref_calls: dict) -> dict:
+    """Each window read as a ratio to the reference calls interleaved with it, scaled back to ms
+    by the reference's median over every window."""
+    typical = statistics.median(statistics.median(w) for ws in ref_calls.values() for w in ws)
+    return {key: [[t * typical / statistics.median(ref) for t in w] for w, ref in zip(ws, ref_calls[key], strict=True)]
+            for key, ws in calls.items()}
 
 
 def estimate(how: str, windows: list[list[float]]) -> float:
@@ -216,6 +239,9 @@ def main() -> None:
                    help="time a fixed reference model at the start and end of every round, and report every "
                         "figure also as a ratio to it (scaled back to ms)")
     p.add_argument("--pause", type=float, default=0.0, help="seconds of sleep between rounds")
+    p.add_argument("--block", type=int, default=0,
+                   help="with --reference: also interleave the reference inside every window, BLOCK calls of "
+                        "the candidate then BLOCK of the reference, and report the ratio to those calls")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.rounds < 6 or args.candidates < 3:
@@ -239,7 +265,8 @@ def main() -> None:
         models = [(("ref", "start"), ref), *models, (("ref", "end"), ref)]
     print(f"compiled {len(models)} models in {time.perf_counter() - start:.0f} s", flush=True)
     t0 = time.perf_counter()
-    calls = timed_rounds(models, x, args.rounds, args.runs, args.warmup, args.pause)
+    calls, beside = timed_rounds(models, x, args.rounds, args.runs, args.warmup, args.pause,
+                                 beside=ref if args.reference else None, block=args.block)
     window_s = (time.perf_counter() - t0) / args.rounds
     print(f"[windows] {args.rounds} rounds x {len(models)} models x ({args.warmup} + {args.runs} calls), a round "
           f"every {window_s:.1f} s; the median of each window (ms):")
@@ -281,6 +308,10 @@ def main() -> None:
         raw = {key: ws for key, ws in calls.items() if key[0] != "ref"}
         report(raw, args, random.Random(args.seed), "raw")
         report(normalised(calls, ("ref", "start"), ("ref", "end")), args, random.Random(args.seed), "ratio")
+        if args.block > 0:
+            print(f"[beside] the reference interleaved inside every window, {args.block} calls at a time:")
+            report(normalised_beside(raw, {key: beside[key] for key in raw}), args, random.Random(args.seed),
+                   "ratio beside")
     if args.continuous > 0:
         continuous([(key, m) for key, m in models if key[1] == 0][:args.trace], x, args.continuous)
     print(f"{time.perf_counter() - start:.0f} s in all; load average after: {os.getloadavg()[0]:.1f}")
