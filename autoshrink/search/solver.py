@@ -479,6 +479,18 @@ def _drops(df: pd.DataFrame) -> tuple[dict[tuple[str, str, float], float], set[t
     return out, seen
 
 
+@dataclass
+class _Pruned:
+    """What a :class:`Coster` and its :meth:`~Coster.relaxed` twin share: the pruned copy in hand
+    (a ResNet-18 is 45 MB: one at a time, keyed by its pruning ``plan``), what each candidate's
+    pruning gives (``memo``), and the metrics that is computed for (the full coster's)."""
+
+    metrics: list[str]
+    plan: Any = None
+    pruned: Any = None
+    memo: dict = field(default_factory=dict)
+
+
 class Coster:
     """A candidate's latency / size / MACs without compiling it: the teacher pruned by it (one
     pruned copy kept, as bits do not change the pruning), its bits as :func:`compress` resolves
@@ -500,9 +512,7 @@ class Coster:
             raise ValueError("a latency budget needs a latency predictor")
         self.task, self.metrics, self.predictor, self.latency_scale = task, list(metrics), predictor, latency_scale
         self.deadline = deadline  # time.monotonic() past which a costing raises SolverTimeout
-        # shared with relaxed(): the pruned copy in hand (a ResNet-18 is 45 MB: one at a time) and,
-        # per candidate, what its pruning gives
-        self._shared: dict[str, Any] = {"plan": None, "pruned": None, "memo": {}, "metrics": list(metrics)}
+        self._shared = _Pruned(list(metrics))  # shared with relaxed()
 
     def relaxed(self) -> Coster:
         """This coster without the latency metric (no table entry is timed), sharing what is
@@ -517,7 +527,7 @@ class Coster:
             raise SolverTimeout
         if not self.metrics:
             return {}
-        memo = self._shared["memo"]
+        memo = self._shared.memo
         if cand not in memo:
             memo[cand] = self._measure(cand)
         got = memo[cand]
@@ -535,16 +545,16 @@ class Coster:
         x = self.task.example_input
         shared = self._shared
         plan = (tuple(cand.prune.items()), cand.default_prune, cand.round_to)
-        if plan != shared["plan"]:
-            shared["plan"], shared["pruned"] = plan, compress(self.task.model, cand, x).pruned
-        pruned = shared["pruned"]
+        if plan != shared.plan:
+            shared.plan, shared.pruned = plan, compress(self.task.model, cand, x).pruned
+        pruned = shared.pruned
         fp32 = unsupported_layers(pruned, cand)
         bits = {n: 32 if n in fp32 else b for n, b in layer_bits(pruned, cand).items()}
         got: dict[str, Any] = {}
-        if TrialAttr.SIZE_MB in shared["metrics"] or TrialAttr.MMACS in shared["metrics"]:
+        if TrialAttr.SIZE_MB in shared.metrics or TrialAttr.MMACS in shared.metrics:
             cost = model_cost(pruned, x, bits)
             got[TrialAttr.SIZE_MB], got[TrialAttr.MMACS] = cost.size_mb, cost.mmacs
-        if TrialAttr.LATENCY_MS in shared["metrics"]:
+        if TrialAttr.LATENCY_MS in shared.metrics:
             got["structure"] = self.predictor.structure(pruned, bits, x)
         return got
 
