@@ -23,7 +23,7 @@ reference (every rule's layers at 8 bits where it offers them, unpruned: the ope
 a budget that binds, :func:`reference_choice`; layers no rule sets at the space's defaults), and
 each solution is then priced again as a whole candidate. A ``per_layer`` rule takes one choice for all its layers here.
 
-Long module (~770 lines): the problem, the measurements that fill it and the proposals made
+Long module (~780 lines): the problem, the measurements that fill it and the proposals made
 from its solutions share one format (:class:`Choice`, :class:`Problem`); split the measurements
 out if a second source of costs appears.
 """
